@@ -1,0 +1,411 @@
+"""The consumer loop every service uses: one consumer of one group over one or more streams.
+
+Guarantees:
+- groups are created idempotently (MKSTREAM), so start order does not matter;
+- an entry is acknowledged only after its handler returned and everything the handler
+  published (and ``before_ack``, e.g. a database commit) is durable; outputs and acks
+  travel in one pipeline, outputs first;
+- an entry whose handler raises stays pending; it is retried when it has been idle for
+  ``claim_idle_ms`` (XAUTOCLAIM, which also takes over entries of dead consumers) and moves
+  to ``dlq.<stream>`` with its error once Redis has delivered it ``max_deliveries`` times;
+  an entry that does not decode moves there at once;
+- a handler raising ``Retryable`` (or losing Redis) is not the message's fault: the same
+  entry is retried in place with backoff, without counting a delivery;
+- when Redis goes away the loop backs off with jitter and resumes by itself, first
+  re-reading its own pending entries;
+- ``stop()`` (SIGTERM/SIGINT in services) finishes the batch in hand, acks it, and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import redis.exceptions as rexc
+from redis.asyncio.client import Pipeline
+
+from shared import metrics
+from shared.models import decode
+from shared.runtime.bus import Bus, backoff_delay, is_redis_down
+from shared.runtime.producer import FIELD, Producer
+from shared.streams import dlq
+
+log = logging.getLogger(__name__)
+
+
+class Retryable(Exception):
+    """Raised by a handler when a dependency (database, exchange) is down: retry, don't count."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    stream: str
+    """Logical stream name (without the bus prefix)."""
+    entry_id: bytes
+    message: Any
+    deliveries: int
+    """How many times Redis has delivered this entry to the group, this time included."""
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Entry:
+    stream: str
+    entry_id: bytes
+    fields: dict[bytes, bytes] | None
+    deliveries: int
+
+
+def default_consumer_name(service: str) -> str:
+    return f"{service}-{socket.gethostname()}-{os.getpid()}"
+
+
+class Consumer:
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        group: str,
+        streams: Iterable[str],
+        handler: Handler,
+        name: str,
+        decoder: Callable[[bytes], Any] = decode,
+        producer: Producer | None = None,
+        before_ack: Callable[[], Awaitable[None]] | None = None,
+        batch_size: int = 256,
+        block_ms: int = 1000,
+        claim_idle_ms: int = 30_000,
+        claim_interval_ms: int = 5_000,
+        max_deliveries: int = 5,
+        start_id: str = "0",
+        prune_idle_consumers_ms: int = 3_600_000,
+        service: str = "",
+    ) -> None:
+        self.bus = bus
+        self.group = group
+        self.name = name
+        self.handler = handler
+        self.decoder = decoder
+        self.producer = producer
+        self.before_ack = before_ack
+        self.batch_size = batch_size
+        self.block_ms = block_ms
+        self.claim_idle_ms = claim_idle_ms
+        self.claim_interval_ms = claim_interval_ms
+        self.max_deliveries = max_deliveries
+        self.start_id = start_id
+        self.prune_idle_consumers_ms = prune_idle_consumers_ms
+        self.service = service or group
+        self._streams: list[str] = list(dict.fromkeys(streams))
+        self._grouped: set[str] = set()
+        self._stop = asyncio.Event()
+        self._errors: dict[bytes, str] = {}
+        self._recover = True
+        self._next_claim = 0.0
+        self._next_prune = time.monotonic() + 60.0
+        self._outage = 0
+        self.handled = 0
+        self._children: dict[str, tuple[Any, Any]] = {}
+        self.last_read_ns = 0
+
+    # ------------------------------------------------------------------ membership
+
+    @property
+    def streams(self) -> list[str]:
+        return list(self._streams)
+
+    def add_stream(self, stream: str) -> None:
+        if stream not in self._streams:
+            self._streams.append(stream)
+            self._recover = True
+
+    def remove_stream(self, stream: str) -> None:
+        if stream in self._streams:
+            self._streams.remove(stream)
+
+    async def ensure_groups(self) -> None:
+        for stream in self._streams:
+            if stream in self._grouped:
+                continue
+            await ensure_group(self.bus, stream, self.group, self.start_id)
+            self._grouped.add(stream)
+
+    # ------------------------------------------------------------------ loop
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.ensure_groups()
+                if not self._streams:
+                    await self._sleep(self.block_ms / 1000)
+                    continue
+                entries = await self._next_entries()
+                if entries:
+                    await self._process(entries)
+                if self._outage:
+                    log.info("redis reachable again", extra={"group": self.group})
+                    metrics.REDIS_RECONNECTS.labels(self.service).inc()
+                    self._outage = 0
+            except rexc.ResponseError as exc:
+                if "NOGROUP" in str(exc):  # stream or group vanished (e.g. Redis lost its data)
+                    self._grouped.clear()
+                    self._recover = True
+                    continue
+                if not is_redis_down(exc):
+                    raise
+                await self._backoff(exc)
+            except Exception as exc:
+                if not is_redis_down(exc):
+                    raise
+                await self._backoff(exc)
+
+    async def _backoff(self, exc: BaseException) -> None:
+        self._outage += 1
+        if self._outage == 1:
+            log.warning("redis unreachable, backing off", extra={"group": self.group, "error": str(exc)})
+        self._recover = True
+        await self._sleep(backoff_delay(self._outage))
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+
+    async def _next_entries(self) -> list[_Entry]:
+        if self._recover:
+            entries = await self._read("0", block=None)
+            if entries:
+                await self._fill_delivery_counts(entries)
+                return entries
+            self._recover = False
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + self.claim_interval_ms / 1000
+            entries = await self._claim()
+            if entries:
+                return entries
+        return await self._read(">", block=self.block_ms)
+
+    async def _read(self, from_id: str, block: int | None) -> list[_Entry]:
+        reply: Any = await self.bus.redis.xreadgroup(
+            self.group,
+            self.name,
+            {self.bus.stream(s): from_id for s in self._streams},
+            count=self.batch_size,
+            block=block,
+        )
+        self.last_read_ns = time.time_ns()
+        out: list[_Entry] = []
+        for key, items in reply or ():
+            stream = self.bus.logical(key)
+            for entry_id, fields in items:
+                out.append(_Entry(stream, entry_id, fields or None, 1))
+        return out
+
+    async def _claim(self) -> list[_Entry]:
+        out: list[_Entry] = []
+        for stream in list(self._streams):
+            reply: Any = await self.bus.redis.xautoclaim(
+                self.bus.stream(stream), self.group, self.name, self.claim_idle_ms, "0-0", count=self.batch_size
+            )
+            items = reply[1] if reply else []
+            claimed = [_Entry(stream, eid, fields or None, 1) for eid, fields in items]
+            if claimed:
+                metrics.CLAIMED.labels(stream, self.group).inc(len(claimed))
+                out.extend(claimed)
+        if out:
+            await self._fill_delivery_counts(out)
+        if time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 600.0
+            for stream in self._streams:
+                await prune_idle_consumers(self.bus, stream, self.group, self.prune_idle_consumers_ms)
+        return out
+
+    async def _fill_delivery_counts(self, entries: list[_Entry]) -> None:
+        by_stream: dict[str, list[_Entry]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e)
+        for stream, group_entries in by_stream.items():
+            ids = [e.entry_id for e in group_entries]
+            rows = await self.bus.redis.xpending_range(
+                self.bus.stream(stream), self.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
+                count=len(ids) + 1000, consumername=self.name,
+            )
+            counts = {r["message_id"]: int(r["times_delivered"]) for r in rows}
+            for e in group_entries:
+                e.deliveries = counts.get(e.entry_id, e.deliveries)
+
+    # ------------------------------------------------------------------ handling
+
+    async def _process(self, entries: list[_Entry]) -> None:
+        acks: dict[str, list[bytes]] = {}
+        dead: list[tuple[_Entry, str]] = []
+        for entry in entries:
+            if entry.fields is None:  # trimmed or deleted while pending: nothing left to do
+                acks.setdefault(entry.stream, []).append(entry.entry_id)
+                continue
+            raw = entry.fields.get(FIELD, b"")
+            try:
+                message = self.decoder(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError) as exc:
+                dead.append((entry, f"decode: {exc}"))
+                continue
+            if entry.deliveries > self.max_deliveries:
+                dead.append((entry, self._errors.pop(entry.entry_id, f"delivered {entry.deliveries} times")))
+                continue
+            counted, hop = self._metrics(entry.stream)
+            counted.inc()
+            published = getattr(message, "ts_pub_ns", 0) or getattr(message, "ts_ns", 0)
+            if published:
+                hop.observe(max(0, time.time_ns() - published) / 1e9)
+            ok = await self._handle(Delivery(entry.stream, entry.entry_id, message, entry.deliveries))
+            if ok is None:  # stopping while a dependency is down: leave the rest pending
+                break
+            if ok:
+                self._errors.pop(entry.entry_id, None)
+                acks.setdefault(entry.stream, []).append(entry.entry_id)
+                self.handled += 1
+            elif entry.deliveries >= self.max_deliveries:
+                dead.append((entry, self._errors.pop(entry.entry_id, "handler failed")))
+        await self._commit(acks, dead)
+
+    def _metrics(self, stream: str) -> tuple[Any, Any]:
+        children = self._children.get(stream)
+        if children is None:
+            children = self._children[stream] = (
+                metrics.MESSAGES_IN.labels(stream, self.group),
+                metrics.HOP_LATENCY.labels(stream, self.group),
+            )
+        return children
+
+    async def _handle(self, delivery: Delivery) -> bool | None:
+        attempt = 0
+        while True:
+            try:
+                await self.handler(delivery)
+                return True
+            except Exception as exc:
+                if isinstance(exc, Retryable) or is_redis_down(exc):
+                    attempt += 1
+                    if self._stop.is_set():
+                        return None
+                    if attempt == 1:
+                        log.warning("dependency down, retrying in place",
+                                    extra={"group": self.group, "stream": delivery.stream, "error": str(exc)})
+                    await self._sleep(backoff_delay(attempt))
+                    continue
+                metrics.HANDLER_ERRORS.labels(delivery.stream, self.group).inc()
+                self._errors[delivery.entry_id] = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "handler failed",
+                    extra={"group": self.group, "stream": delivery.stream,
+                           "entry": delivery.entry_id.decode(), "deliveries": delivery.deliveries,
+                           "error": f"{type(exc).__name__}: {exc}"},
+                )
+                return False
+
+    async def _commit(self, acks: dict[str, list[bytes]], dead: list[tuple[_Entry, str]]) -> None:
+        if self.before_ack is not None and (acks or dead):
+            await self._until_done(self.before_ack)
+
+        def add_acks(pipe: Pipeline) -> None:
+            for entry, error in dead:
+                pipe.xadd(
+                    self.bus.stream(dlq(entry.stream)),
+                    {
+                        FIELD: (entry.fields or {}).get(FIELD, b""),
+                        b"stream": entry.stream,
+                        b"id": entry.entry_id,
+                        b"group": self.group,
+                        b"consumer": self.name,
+                        b"error": error[:2000],
+                        b"deliveries": str(entry.deliveries),
+                        b"ts_ns": str(time.time_ns()),
+                    },
+                    maxlen=100_000,
+                    approximate=True,
+                )
+                pipe.xack(self.bus.stream(entry.stream), self.group, entry.entry_id)
+            for stream, ids in acks.items():
+                pipe.xack(self.bus.stream(stream), self.group, *ids)
+
+        async def commit() -> None:
+            if self.producer is not None and self.producer.buffered:
+                await self.producer.flush(then=add_acks)
+            elif not dead and len(acks) == 1:  # the common case: one XACK, no pipeline
+                [(stream, ids)] = acks.items()
+                await self.bus.redis.xack(self.bus.stream(stream), self.group, *ids)
+            else:
+                pipe = self.bus.redis.pipeline(transaction=False)
+                add_acks(pipe)
+                await pipe.execute()
+
+        if acks or dead or (self.producer is not None and self.producer.buffered):
+            await self._until_done(commit)
+        for entry, error in dead:
+            reason = "decode" if error.startswith("decode:") else "deliveries"
+            metrics.DLQ_MESSAGES.labels(entry.stream, self.group, reason).inc()
+            log.error("moved to dead-letter stream",
+                      extra={"stream": entry.stream, "group": self.group, "entry": entry.entry_id.decode(),
+                             "error": error, "deliveries": entry.deliveries})
+
+    async def _until_done(self, op: Callable[[], Awaitable[None]]) -> None:
+        """Run ``op`` until it succeeds: acks are retried, never dropped, while Redis is away."""
+        attempt = 0
+        while True:
+            try:
+                await op()
+                return
+            except Exception as exc:
+                if not (isinstance(exc, Retryable) or is_redis_down(exc)):
+                    raise
+                attempt += 1
+                if self._stop.is_set() and attempt > 3:
+                    raise
+                await asyncio.sleep(backoff_delay(attempt))
+
+
+def _id_key(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
+async def ensure_group(bus: Bus, stream: str, group: str, start_id: str = "0") -> bool:
+    """Create the group (and the stream) if missing; True if it was created."""
+    try:
+        await bus.redis.xgroup_create(bus.stream(stream), group, id=start_id, mkstream=True)
+        return True
+    except rexc.ResponseError as exc:
+        if "BUSYGROUP" in str(exc):
+            return False
+        raise
+
+
+async def prune_idle_consumers(bus: Bus, stream: str, group: str, idle_ms: int) -> int:
+    """Forget consumers with nothing pending that have been idle longer than ``idle_ms``."""
+    removed = 0
+    try:
+        consumers = await bus.redis.xinfo_consumers(bus.stream(stream), group)
+    except rexc.ResponseError:
+        return 0
+    for c in consumers:
+        if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > idle_ms:
+            await bus.redis.xgroup_delconsumer(bus.stream(stream), group, c["name"])
+            removed += 1
+    return removed
