@@ -30,7 +30,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
 )
 
 
-_BACKOFF = wait_exponential_jitter(initial=0.05, max=5.0, jitter=0.1)
+_BACKOFF = wait_exponential_jitter(multiplier=0.05, max=5.0, jitter=0.1)
 
 
 def backoff_delay(attempt: int) -> float:
@@ -95,7 +95,7 @@ async def retry_redis(
     """Run ``op`` until it succeeds, backing off with jitter while Redis is unreachable."""
     async for attempt in AsyncRetrying(
         retry=retry_if_exception_type(REDIS_DOWN),
-        wait=wait_exponential_jitter(initial=0.05, max=max_wait_s, jitter=0.1),
+        wait=wait_exponential_jitter(multiplier=0.05, max=max_wait_s, jitter=0.1),
         stop=stop_never,
         reraise=True,
         before_sleep=(lambda rs: on_retry(rs.outcome.exception()) if on_retry and rs.outcome else None),  # type: ignore[arg-type]
