@@ -26,12 +26,15 @@ from shared.logs import setup_logging
 from shared.models import Heartbeat, encode
 from shared.runtime import Bus, Consumer, Delivery, Producer, default_consumer_name, is_redis_down
 from shared.runtime.inspect import stream_stats
+from shared.runtime.trim import trim_acknowledged
+from shared.streams import policy
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 2.0
 HEARTBEAT_MAX_AGE_S = 10.0
 LAG_INTERVAL_S = 5.0
+TRIM_INTERVAL_S = 30.0
 
 
 class Service:
@@ -122,7 +125,8 @@ class Service:
         try:
             await self.setup()
             self._tasks = [asyncio.create_task(self._heartbeats(), name="heartbeats"),
-                           asyncio.create_task(self._lag_metrics(), name="lag")]
+                           asyncio.create_task(self._lag_metrics(), name="lag"),
+                           asyncio.create_task(self._trim_obligations(), name="trim")]
             self._tasks += [asyncio.create_task(fn(), name=fn.__name__) for fn in self._background]
             runs = [asyncio.create_task(c.run(), name=f"consumer:{c.group}") for c in self.consumers]
             waiter = asyncio.create_task(self._stopping.wait())
@@ -177,6 +181,14 @@ class Service:
             with contextlib.suppress(Exception):
                 await self.group_stats()
             await self.sleep(LAG_INTERVAL_S)
+
+    async def _trim_obligations(self) -> None:
+        """Trim what this service produced into obligation streams, once every group has it."""
+        while await self.sleep(TRIM_INTERVAL_S):
+            for stream in self.producer.streams:
+                if policy(stream).keep_unacked:
+                    with contextlib.suppress(Exception):
+                        await trim_acknowledged(self.bus, stream)
 
     async def group_stats(self) -> list[dict[str, Any]]:
         out = []

@@ -79,6 +79,27 @@ async def test_producer_keeps_messages_while_redis_is_unreachable(bus: Bus) -> N
     await dead.close()
 
 
+async def test_obligation_streams_are_trimmed_only_below_what_every_group_acknowledged(bus: Bus) -> None:
+    from shared.runtime.trim import trim_acknowledged
+
+    producer = Producer(bus)
+    for i in range(30):
+        producer.publish("orders", alert(i))
+    await producer.flush()
+    assert await trim_acknowledged(bus, "orders") == 0  # no group yet: nobody has had them
+    await ensure_group(bus, "orders", "executor")
+    await ensure_group(bus, "orders", "audit")
+    key = bus.stream("orders")
+    got = await bus.redis.xreadgroup("executor", "c", {key: ">"}, count=20)
+    ids = [eid for eid, _ in got[0][1]]
+    await bus.redis.xack(key, "executor", *ids[:10])  # 10 acked, 10 pending, 10 undelivered
+    assert await trim_acknowledged(bus, "orders") == 0  # the audit group has nothing yet
+    got = await bus.redis.xreadgroup("audit", "c", {key: ">"}, count=30)
+    await bus.redis.xack(key, "audit", *[eid for eid, _ in got[0][1]])
+    assert await trim_acknowledged(bus, "orders") == 10  # up to executor's oldest pending entry
+    assert (await bus.redis.xrange(key, count=1))[0][0] == ids[10]
+
+
 # ----------------------------------------------------------------------------- consumer
 
 
