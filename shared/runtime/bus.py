@@ -25,8 +25,7 @@ REDIS_DOWN: tuple[type[BaseException], ...] = (
     rexc.ConnectionError,
     rexc.TimeoutError,
     rexc.BusyLoadingError,
-    ConnectionError,
-    OSError,
+    ConnectionError,  # refused / reset / broken pipe below redis-py
 )
 
 
