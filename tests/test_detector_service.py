@@ -183,6 +183,33 @@ async def test_a_stale_status_drops_the_book_until_it_is_synced_again(service_en
 # ------------------------------------------------------------------ replicas
 
 
+async def test_a_triangle_split_across_two_replicas_streams_is_still_seen_whole(service_env: dict[str, str]) -> None:
+    cfg = load_config(environ=service_env, overrides={
+        "redis": {"block_ms": 100},
+        "detector": {"strategies": ["triangular"], "lease_ttl_ms": 1200, "cooldown_ms": 0},
+        "exchanges": {"binance": {"enabled": True, "symbols": ["BTC/USDT", "ETH/USDT", "ETH/BTC"], "taker_fee": 0.0002},
+                      "okx": {"enabled": False}, "upbit": {"enabled": False}, "bybit": {"enabled": False}},
+    })
+    bus = Bus.from_config(cfg)
+    async with running(cfg, "r1") as r1, running(cfg, "r2") as r2:
+        async def split() -> bool:
+            return sorted(r1.runners[0].held + r2.runners[0].held) == [md("BTC"), md("ETH")] \
+                and len(r1.runners[0].held) == 1
+        await until(split, what="one stream each")
+        eth_reader = r1 if r1.runners[0].held == [md("ETH")] else r2
+        # BTC/USDT lives on md.BTC, which the ETH reader does not hold: it follows it without a group.
+        await publish(bus, md("BTC"), encode(book("binance", "BTC/USDT", 100_000.0, 100_010.0, size=0.01)))
+        core: Any = eth_reader.cores["triangular"]
+        await until(lambda: core._index.get(("binance", "BTC/USDT")) is not None
+                    and core._markets[core._index[("binance", "BTC/USDT")]].book is not None,
+                    what="the other stream's book mirrored")
+        await publish(bus, md("ETH"), encode(book("binance", "ETH/USDT", 4_010.0, 4_011.0)),
+                      encode(book("binance", "ETH/BTC", 0.0399, 0.04, size=0.2)))
+        [sig] = await until(lambda: signals(bus), what="a triangular signal")
+    assert sig.strategy == "triangular" and sig.meta["cycle"] == ["USDT", "BTC", "ETH"]
+    await bus.close()
+
+
 def spawn(env: dict[str, str], instance: str, log: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "services.detector", "--instance", instance],
                             env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -14,7 +14,7 @@ from shared.models import Balance, BookSnapshot, BookStatus, FxRate, Instrument,
 
 NOW = 1_700_000_000_000_000_000
 MS = 1_000_000
-FEES = {"a": 0.001, "b": 0.001, "c": 0.001, "upbit": 0.0005}
+FEES = {"a": 0.001, "b": 0.001, "c": 0.001, "upbit": 0.0005, "bithumb": 0.001}
 
 
 def detector(**overrides: object) -> SpatialDetector:
@@ -138,6 +138,16 @@ def test_the_fx_spread_is_charged_against_the_trade() -> None:
     # KRW received is valued at the ask (fewer USDT per KRW): the worse side of the rate.
     assert b.expected_profit == pytest.approx(0.1 * (139_500_000.0 / 1381.0 * 0.9995 - 100_000.0 * 1.001))
     assert b.expected_profit < a.expected_profit
+
+
+def test_two_books_in_the_same_foreign_quote_pay_no_fx_spread() -> None:
+    det = detector()
+    det.on_fx(fx(1380.0, bid=1370.0, ask=1390.0), NOW)  # a wide 1.4% spread
+    [sig] = feed(det, book("upbit", [(139_000_000.0, 1.0)], [(139_100_000.0, 1.0)], symbol="BTC/KRW"),
+                 book("bithumb", [(139_500_000.0, 1.0)], [(139_600_000.0, 1.0)], symbol="BTC/KRW"))
+    # 0.36% in KRW less 0.05% + 0.1% of fees, valued at the mid: the spread costs nothing.
+    krw = 139_500_000.0 * 0.999 - 139_100_000.0 * 1.0005
+    assert sig.expected_profit == pytest.approx(float(sig.legs[0].quantity) * krw / 1380.0)
 
 
 # ------------------------------------------------------------------ staleness

@@ -92,14 +92,15 @@ def random_case(rng: random.Random) -> Case:
         ask_units = int((Decimal(repr(mid + half_spread)) / tick).to_integral_value()) + 1
         bid_units = min(int((Decimal(repr(mid - half_spread)) / tick).to_integral_value()), ask_units - 1)
         asks, bids = [], []
-        for _ in range(rng.randint(1, 8)):
-            asks.append((_on_grid(ask_units, tick), round(rng.uniform(0.001, 3.0), 6)))
-            ask_units += rng.randint(1, 40)
-        for _ in range(rng.randint(1, 8)):
+        draw = rng.random  # randint is slow; these loops run millions of times
+        for _ in range(1 + int(draw() * 8)):
+            asks.append((_on_grid(ask_units, tick), round(0.001 + draw() * 3.0, 6)))
+            ask_units += 1 + int(draw() * 40)
+        for _ in range(1 + int(draw() * 8)):
             if bid_units <= 0:
                 break
-            bids.append((_on_grid(bid_units, tick), round(rng.uniform(0.001, 3.0), 6)))
-            bid_units -= rng.randint(1, 40)
+            bids.append((_on_grid(bid_units, tick), round(0.001 + draw() * 3.0, 6)))
+            bid_units -= 1 + int(draw() * 40)
         venue = Venue(
             exchange=f"ex{v}",
             quote=quote,
@@ -131,10 +132,10 @@ def random_case(rng: random.Random) -> Case:
 # ------------------------------------------------------------------ the oracle
 
 
-def oracle_fx(case: Case, quote: str) -> tuple[float, float] | None:
-    """(value of a unit paid, value of a unit received) of ``quote`` in USDT, conservative sides."""
+def oracle_fx(case: Case, quote: str) -> tuple[float, float, float] | None:
+    """(value of a unit paid, value of a unit received, mid) of ``quote`` in USDT, conservative sides."""
     if quote == "USDT":
-        return 1.0, 1.0
+        return 1.0, 1.0, 1.0
     pair = "USDT/KRW" if quote == "KRW" else "USDC/USDT"
     if pair not in case.fx:
         return None
@@ -144,8 +145,18 @@ def oracle_fx(case: Case, quote: str) -> tuple[float, float] | None:
     bid = rate if bid is None else bid
     ask = rate if ask is None else ask
     if quote == "KRW":  # KRW per USDT: paying KRW is worth most at the bid, receiving least at the ask
-        return 1.0 / bid, 1.0 / ask
-    return ask, bid  # USDT per USDC
+        return 1.0 / bid, 1.0 / ask, 1.0 / rate
+    return ask, bid, rate  # USDT per USDC
+
+
+def oracle_units(case: Case, buy: Venue, sell: Venue) -> tuple[float, float] | None:
+    """USDT value of a unit of the buy book's quote paid and of the sell book's quote received."""
+    fx_buy, fx_sell = oracle_fx(case, buy.quote), oracle_fx(case, sell.quote)
+    if fx_buy is None or fx_sell is None:
+        return None
+    if buy.quote == sell.quote:  # nothing is converted: one quote, valued at the mid
+        return fx_buy[2], fx_buy[2]
+    return fx_buy[0], fx_sell[1]
 
 
 def take(levels: list[tuple[float, float]], qty: float) -> tuple[float, float] | None:
@@ -170,10 +181,10 @@ def oracle_best(case: Case) -> tuple[float, str, str, Decimal] | None:
         for sell in case.venues:
             if buy is sell or buy.age_ns > MAX_BOOK_AGE or sell.age_ns > MAX_BOOK_AGE:
                 continue
-            fx_buy, fx_sell = oracle_fx(case, buy.quote), oracle_fx(case, sell.quote)
-            if fx_buy is None or fx_sell is None:
+            units = oracle_units(case, buy, sell)
+            if units is None:
                 continue
-            pay, receive = fx_buy[0], fx_sell[1]
+            pay, receive = units
             for qty, profit in oracle_pair(case, buy, sell, pay, receive, ends[id(buy)][0], ends[id(sell)][1]):
                 if best is None or profit > best[0]:
                     best = (profit, buy.exchange, sell.exchange, qty)
@@ -268,15 +279,16 @@ def revalue(case: Case, signal: Signal) -> float:
     usable_bids = [(p, s) for p, s in sell.bids if p >= float(sell_leg.price)]
     bought, sold = take(usable_asks, qty), take(usable_bids, qty)
     assert bought is not None and sold is not None, "the limit prices do not reach the quantity"
-    fx_buy, fx_sell = oracle_fx(case, buy.quote), oracle_fx(case, sell.quote)
-    assert fx_buy is not None and fx_sell is not None, "a missing or stale FX rate was used"
-    notional = bought[0] * fx_buy[0]
+    units = oracle_units(case, buy, sell)
+    assert units is not None, "a missing or stale FX rate was used"
+    pay, receive = units
+    notional = bought[0] * pay
     assert notional <= case.max_notional * (1 + 1e-12)
     if sell.base_free is not None:
         assert qty <= sell.base_free * (1 + 1e-12)
     if buy.quote_free is not None:
         assert float(buy_leg.price) * qty * (1 + buy.fee) <= buy.quote_free * (1 + 1e-12)
-    net = sold[0] * fx_sell[1] * (1 - sell.fee) - notional * (1 + buy.fee) - notional * case.transfer
+    net = sold[0] * receive * (1 - sell.fee) - notional * (1 + buy.fee) - notional * case.transfer
     assert abs(net - signal.expected_profit) <= 1e-9 * max(1.0, abs(net)), "reported profit is not the books'"
     assert abs(notional - signal.notional) <= 1e-9 * max(1.0, notional)
     return net / notional

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from services.detector.books import InstrumentTable, MarketKey
 from services.detector.common import DetectorCore, fallback_rules
 from services.detector.spatial import SpatialConfig, SpatialDetector
-from services.detector.statistical import StatisticalConfig, StatisticalDetector
 from services.detector.triangular import TriangularConfig, TriangularDetector
 from shared.config import Config
 from shared.models import Instrument
@@ -28,6 +27,9 @@ def build_cores(cfg: Config, instruments: Iterable[Instrument] = ()) -> dict[str
         elif strategy == "triangular":
             cores[strategy] = TriangularDetector(TriangularConfig.from_config(cfg), table)
         else:
+            # Imported here: statsmodels takes ~1.5 s to load, which only this strategy needs.
+            from services.detector.statistical import StatisticalConfig, StatisticalDetector
+
             cores[strategy] = StatisticalDetector(StatisticalConfig.from_config(cfg), table)
     return cores
 

@@ -21,10 +21,11 @@ periodically.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 import redis.exceptions as rexc
@@ -33,11 +34,13 @@ from services.detector import metrics
 from services.detector.common import DetectorCore, InvalidInput
 from services.detector.cores import base_of, build_cores, configured_markets, market_streams
 from services.detector.spatial import SpatialDetector
-from services.detector.statistical import StatisticalDetector
 from shared.models import Balance, BookSnapshot, BookStatus, FxRate, Instrument, Signal, TopOfBook, Trade, decoder_for
 from shared.runtime import FIELD, Consumer, Delivery, LeaseKeeper, backoff_delay, is_redis_down
 from shared.service import Service
-from shared.streams import BALANCES, FX, SIGNALS
+from shared.streams import BALANCES, FX, MD_PREFIX, SIGNALS
+
+if TYPE_CHECKING:
+    from services.detector.statistical import StatisticalDetector
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +94,47 @@ class StrategyRunner:
 
     # ------------------------------------------------------------------ leases
 
+    async def keep_leases(self) -> None:
+        """Run the lease keeper until the service stops, then hand the streams over at once.
+
+        The keeper is stopped through its own flag rather than by cancellation alone: a
+        cancellation that lands while it waits out its renewal timer can be lost
+        (asyncio.wait_for before Python 3.12), and the keeper would then never return.
+        """
+        task = asyncio.create_task(self.keeper.run(), name=f"leases:{self.strategy}")
+        try:
+            while not self.service.stopping and not task.done():
+                await self.service.sleep(0.2)
+        finally:
+            try:
+                await self.keeper.stop()
+            except Exception as exc:
+                if not is_redis_down(exc):
+                    raise
+            await task
+
     async def acquired(self, stream: str) -> None:
-        await self.service.seed_books(self.core, base_of(stream.removeprefix("md.")))
+        # Read the stream whatever happens to the seeding: a leased stream must never go unread.
         self._mirror_from.pop(stream, None)
         self.consumer.add_stream(stream)
         self._owners_changed()
+        try:
+            await self.service.seed_books(self.core, stream.removeprefix(MD_PREFIX))
+        except Exception as exc:
+            if not is_redis_down(exc):
+                raise
+            log.warning("could not seed books", extra={"stream": stream, "error": str(exc)})
 
     def lost(self, stream: str) -> None:
         self.consumer.remove_stream(stream)
         if not self.mirrored:
-            self.core.drop_asset(stream.removeprefix("md."))
+            self.core.drop_asset(stream.removeprefix(MD_PREFIX))
         self._owners_changed()
 
     def _owners_changed(self) -> None:
-        if isinstance(self.core, StatisticalDetector):
-            self.core.set_active_bases({s.removeprefix("md.") for s in self.consumer.streams})
+        if self.strategy == "statistical":  # a pair signals from the reader of its y leg's stream
+            core = cast("StatisticalDetector", self.core)
+            core.set_active_bases({s.removeprefix(MD_PREFIX) for s in self.consumer.streams})
 
     # ------------------------------------------------------------------ messages
 
@@ -143,10 +172,15 @@ class StrategyRunner:
             try:
                 for stream in wanted:
                     if stream not in self._mirror_from:
-                        self._mirror_from[stream] = await self.service.stream_tail(stream)
-                        await self.service.seed_books(self.core, stream.removeprefix("md."))
+                        tail = await self.service.stream_tail(stream)
+                        await self.service.seed_books(self.core, stream.removeprefix(MD_PREFIX))
+                        if stream not in self.consumer.streams:  # the lease may have come while we waited
+                            self._mirror_from[stream] = tail
+                start = {s: self._mirror_from[s] for s in wanted if s in self._mirror_from}
+                if not start:
+                    continue
                 reply: Any = await redis.xread(
-                    {self.service.bus.stream(s): self._mirror_from[s] for s in wanted},
+                    {self.service.bus.stream(s): i for s, i in start.items()},
                     count=self.service.cfg.redis.batch_size, block=self.service.cfg.redis.block_ms,
                 )
                 attempt = 0
@@ -182,7 +216,7 @@ class DetectorService(Service):
         self._instrument_raw: dict[tuple[str, str], bytes] = {}
         self._fx_seen: dict[str, int] = {}
         for runner in self.runners:
-            self.background(runner.keeper.run)
+            self.background(runner.keep_leases)
             if runner.mirrored:
                 self.background(runner.mirror)
         self.background(self._follow_fx)
@@ -192,13 +226,6 @@ class DetectorService(Service):
         log.info("detector ready", extra={"strategies": list(self.cores),
                                           "streams": {r.strategy: r.streams for r in self.runners}})
 
-    async def teardown(self) -> None:
-        for runner in self.runners:
-            try:
-                await runner.keeper.stop()  # hand the streams over now rather than at lease expiry
-            except Exception as exc:
-                if not is_redis_down(exc):
-                    raise
 
     async def extra_health(self) -> dict[str, Any]:
         now = time.time_ns()

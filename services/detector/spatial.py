@@ -2,8 +2,11 @@
 same time, across every (exchange, quote) book of that asset.
 
 All amounts are valued in the reference currency through ``FxTable`` (KRW books through the
-published USDT/KRW rate, never a constant). For one buy book A and one sell book B the unit
-bought at ask ``a`` and sold at bid ``b`` earns, per unit of notional ``a * fx_a``::
+published USDT/KRW rate, never a constant): what is paid at the side of the rate that makes it
+dearer, what is received at the side that makes it cheaper, unless both books share their
+quote (Upbit against Bithumb: no currency changes hands, so the mid values the profit).
+For one buy book A and one sell book B the unit bought at ask ``a`` and sold at bid ``b``
+earns, per unit of notional ``a * fx_a``::
 
     b * fx_b * (1 - fee_B) / (a * fx_a) - (1 + fee_A) - transfer_cost
 
@@ -198,9 +201,9 @@ class SpatialDetector:
         conv = self.fx.route(quote, self.config.reference_currency)
         if conv is None:
             hurdle, top = math.inf, 0.0
-        else:
-            hurdle = book.asks[0][0] * conv.cost * (1.0 + fee + self._hurdle_extra)
-            top = book.bids[0][0] * conv.proceeds * (1.0 - fee)
+        else:  # at the mid: a screen that lets through every pair the exact test could accept
+            hurdle = book.asks[0][0] * conv.mid * (1.0 + fee + self._hurdle_extra)
+            top = book.bids[0][0] * conv.mid * (1.0 - fee)
         venue = (book, conv, fee, hurdle, top, self.fx.version)
         self._derived[key] = venue
         return venue
@@ -211,11 +214,15 @@ class SpatialDetector:
         sbook, sfx, sfee, _, _, _ = sell
         assert bfx is not None and sfx is not None  # venues without a route never get here
         bquote = bbook.symbol.partition("/")[2]
+        if bquote == sbook.symbol.partition("/")[2]:
+            pay = receive = bfx.mid  # no currency changes hands: the profit is in one quote, valued at the mid
+        else:
+            pay, receive = bfx.cost, sfx.proceeds
         quote_free = self._balances.get((bbook.exchange, bquote))
         q = _max_quantity(
             bbook.asks, sbook.bids,
-            ask_unit=bfx.cost,
-            bid_unit=sfx.proceeds * (1.0 - sfee),
+            ask_unit=pay,
+            bid_unit=receive * (1.0 - sfee),
             hurdle=1.0 + bfee + self._hurdle_extra,
             max_notional=cfg.max_notional,
             base_cap=self._balances.get((sbook.exchange, base)),
@@ -247,8 +254,8 @@ class SpatialDetector:
             qty = smaller if smaller < qty else qty - lot
         if not (meets_minimums(binst, buy_price, qty) and meets_minimums(sinst, sell_price, qty)):
             return None
-        notional = cost * bfx.cost
-        received = proceeds * sfx.proceeds
+        notional = cost * pay
+        received = proceeds * receive
         gross = received - notional
         fees = notional * bfee + received * sfee
         transfer = notional * cfg.transfer_cost
