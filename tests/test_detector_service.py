@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
 
+import msgspec
 import pytest
 from prometheus_client import REGISTRY
 
@@ -126,8 +127,6 @@ async def test_fx_and_instruments_are_read_from_their_keys_at_start(service_env:
                         encode(FxRate(pair="USDT/KRW", rate=1390.0, source="upbit", ts_source_ns=now)))
     lot = Instrument(exchange="upbit", symbol="BTC/KRW", native="KRW-BTC", base="BTC", quote="KRW",
                      tick_size=Decimal("1000"), lot_size=Decimal("0.001"), taker_fee=Decimal("0.0005"))
-    import msgspec
-
     await bus.redis.hset(bus.keys.instruments("upbit"), "BTC/KRW", msgspec.json.encode(lot))
     async with running(cfg) as svc:
         core: Any = svc.cores["spatial"]

@@ -149,7 +149,7 @@ def test_kimchi_premium_on_recorded_binance_and_upbit_5m_series() -> None:
 
     window = 144  # 12 hours: the Upbit file's unbroken runs are ~200 bars (16.7 hours)
     model = PairsModel(spec(name="kimchi", window=window, max_half_life_bars=window / 2))
-    fits, trades, entry, held = [], [], None, 0
+    fits, trades, entry, held, gated = [], [], None, 0, 0
     for t in bars:
         decision = model.on_bar(t, upbit[t], binance[t])
         held += model.position != 0
@@ -161,12 +161,17 @@ def test_kimchi_premium_on_recorded_binance_and_upbit_5m_series() -> None:
             assert entry is not None
             # Log-spread captured, sign by direction: what the trade earned before costs.
             captured = (entry.fit.spread - decision.fit.spread) * (1 if entry.action == "open_short" else -1)
-            trades.append((held, captured))  # held: bars observed in the position, holes excluded
+            # Taker fees in and out: Upbit 0.05% on y, Binance 0.1% on the hedge (|b| times the value).
+            costs = 2 * (0.0005 + 0.001 * abs(entry.fit.hedge_ratio))
+            trades.append((held, captured, costs))  # held: bars observed in the position, holes excluded
             model.closed()
             entry, held = None, 0
         else:
             assert decision.fit.cointegrated and abs(decision.fit.zscore) >= 2.0
             assert entry is None
+            # The detector's own gate: expected reversion to exit_z, less fees in and out, >= 5 bps.
+            expected = (abs(decision.fit.zscore) - 0.5) * decision.fit.std
+            gated += expected - 2 * (0.0005 + 0.001 * abs(decision.fit.hedge_ratio)) >= 0.0005
             model.opened(decision)
             entry = decision
 
@@ -188,16 +193,19 @@ def test_kimchi_premium_on_recorded_binance_and_upbit_5m_series() -> None:
         "half_life_bars_median_when_cointegrated": round(statistics.median(half_lives), 2),
         "pvalue_median": round(statistics.median(f.pvalue for f in fits), 3),
         "round_trips": len(trades),
-        "holding_bars_mean": round(statistics.fmean(h for h, _ in trades), 1) if trades else None,
-        "captured_bps_mean": round(statistics.fmean(c for _, c in trades) * 10_000, 2) if trades else None,
-        "captured_bps_winners": sum(1 for _, c in trades if c > 0),
+        "holding_bars_mean": round(statistics.fmean(h for h, _, _ in trades), 1),
+        "captured_bps_mean_before_costs": round(statistics.fmean(c for _, c, _ in trades) * 10_000, 2),
+        "taker_fees_bps_mean": round(statistics.fmean(f for _, _, f in trades) * 10_000, 2),
+        "net_bps_mean_after_taker_fees": round(statistics.fmean(c - f for _, c, f in trades) * 10_000, 2),
+        "round_trips_positive_after_fees": sum(1 for _, c, f in trades if c > f),
+        "entries_the_detector_would_signal": gated,
     }
     print(f"\nkimchi premium, Binance BTC/USDT vs Upbit BTC/KRW, 5m closes: {report}")
     assert holes == 26
     assert 1_300 < report["implied_krw_per_usdt"]["mean"] < 1_450  # type: ignore[index]
     assert model.resets == 25  # every hole but the 3-missing-bar one (2025-07-30 16:20) restarts
     assert fits and trades
-    assert all(h > 0 for h, _ in trades)
+    assert all(h > 0 for h, _, _ in trades)
 
 
 # ------------------------------------------------------------------ the detector on books

@@ -76,9 +76,12 @@ def test_an_update_re_evaluates_only_the_cycles_through_its_market() -> None:
     det = detector()
     for b in TRIANGLE:
         det.on_book(b, NOW)
-    det.on_book(book("SOL/USDT", (150.0, 1.0), (150.1, 1.0)), NOW)
+    det.on_book(book("SOL/USDT", (151.0, 1.0), (151.1, 1.0)), NOW)
     det.on_book(book("SOL/BTC", (0.0015, 1.0), (0.001501, 1.0)), NOW)
     assert len(det.cycles) == 4  # two triangles, two directions each
+    # USDT -> BTC -> SOL -> USDT crosses too (151 / (100,010 x 0.001501) = 1.0059): it must not be
+    # looked at when only ETH/BTC moves.
+    assert any(o.cycle.currencies == ("USDT", "BTC", "SOL") for o in det.opportunities(NOW))
     evaluated: list[Cycle] = []
     original = det._evaluate
 
