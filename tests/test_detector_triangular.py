@@ -83,13 +83,13 @@ def test_an_update_re_evaluates_only_the_cycles_through_its_market() -> None:
     # looked at when only ETH/BTC moves.
     assert any(o.cycle.currencies == ("USDT", "BTC", "SOL") for o in det.opportunities(NOW))
     evaluated: list[Cycle] = []
-    original = det._evaluate
+    original = det._size
 
     def spy(cycle: Cycle, now_ns: int) -> object:
         evaluated.append(cycle)
         return original(cycle, now_ns)
 
-    det._evaluate = spy  # type: ignore[method-assign,assignment]
+    det._size = spy  # type: ignore[method-assign,assignment]
     det.on_book(book("ETH/BTC", (0.0395, 1.0), (0.04, 0.2), seq=2), NOW)
     symbols = {det._markets[m].symbol for c in evaluated for m in c.markets}
     assert evaluated and "SOL/USDT" not in symbols and "SOL/BTC" not in symbols
@@ -133,3 +133,21 @@ def test_books_stored_without_evaluation_feed_later_cycles() -> None:
     assert det.on_book(TRIANGLE[0], NOW, evaluate=False) == []
     assert det.on_book(TRIANGLE[1], NOW, evaluate=False) == []
     assert det.on_book(TRIANGLE[2], NOW)
+
+
+def test_a_fee_published_after_the_books_applies_to_them() -> None:
+    det = detector(0.0)
+    for b in TRIANGLE:
+        det.on_book(b, NOW)
+    [before] = det.opportunities(NOW)
+    for b in TRIANGLE:
+        base, quote = b.symbol.split("/")
+        det.set_instrument(Instrument(exchange="ex", symbol=b.symbol, native=b.symbol, base=base, quote=quote,
+                                      tick_size=Decimal("1e-8"), lot_size=Decimal("1e-8"),
+                                      taker_fee=Decimal("0.0002")))
+    [after] = det.opportunities(NOW)
+    fresh = detector(0.0002)
+    for b in TRIANGLE:
+        fresh.on_book(b, NOW)
+    [expected] = fresh.opportunities(NOW)
+    assert after.net_profit == pytest.approx(expected.net_profit) and after.net_profit < before.net_profit

@@ -273,7 +273,15 @@ def feed(det: TriangularDetector, case: Case) -> list[Signal]:
     for seq, m in enumerate(case.markets, 1):
         book = BookSnapshot(exchange="ex", symbol=m.symbol, seq=seq, bids=m.bids, asks=m.asks,
                             ts_exchange_ns=NOW - m.age_ns, ts_recv_ns=NOW - m.age_ns)
-        signals += det.on_book(book, NOW)
+        emitted = det.on_book(book, NOW)
+        # An update signals the best rounded cycle through its market, however it prunes the search.
+        through = det.opportunities(NOW, market=("ex", m.symbol))
+        if through:
+            [signal] = emitted
+            assert abs(signal.expected_profit - through[0].net_profit) <= 1e-12 * max(1.0, through[0].net_profit)
+        else:
+            assert emitted == []
+        signals += emitted
     return signals
 
 

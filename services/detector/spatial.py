@@ -23,6 +23,7 @@ Signal ``meta``: ``gross_profit``, ``fees``, ``transfer_cost`` (reference curren
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from decimal import Decimal
@@ -102,6 +103,27 @@ class SpatialOpportunity:
         return (self.asset, self.buy.exchange, self.buy.symbol, self.sell.exchange, self.sell.symbol)
 
 
+@dataclass(frozen=True, slots=True)
+class _SizedPair:
+    """One pair walked to its best continuous size, not yet rounded."""
+
+    asset: str
+    buy: BookSnapshot
+    sell: BookSnapshot
+    buy_fx: Conversion
+    sell_fx: Conversion
+    buy_fee: float
+    sell_fee: float
+    pay: float
+    """Reference value of one unit of the buy book's quote paid."""
+    receive: float
+    """Reference value of one unit of the sell book's quote received."""
+    quote_free: float | None
+    quantity: float
+    bound: float
+    """Net profit of the continuous size: no rounding of it can do better."""
+
+
 # (book, fx route, taker fee, hurdle of its best ask, value of its best bid, fx version): what one
 # evaluation needs of a book, derived once per book and FX change.
 _Live = tuple[BookSnapshot, Conversion | None, float, float, float, int]
@@ -158,6 +180,17 @@ class SpatialDetector:
 
     def opportunities(self, base: str, now_ns: int) -> list[SpatialOpportunity]:
         """Every profitable (buy, sell) pair of ``base`` now, best net profit first (no cooldown)."""
+        found = []
+        for buy, sell in self._crossing(base, now_ns):
+            sized = self._size(base, buy, sell)
+            opp = self._round(sized) if sized is not None else None
+            if opp is not None:
+                found.append(opp)
+        found.sort(key=lambda o: o.net_profit, reverse=True)
+        return found
+
+    def _crossing(self, base: str, now_ns: int) -> list[tuple[_Live, _Live]]:
+        """(buy, sell) pairs of fresh books whose best prices cross after fees and threshold."""
         books = self.books.of_base(base)
         if len(books) < 2:
             return []
@@ -184,15 +217,7 @@ class SpatialDetector:
                 best_ask = venue[3]
         if best_bid < best_ask:  # the usual case: no book's best bid clears another's best ask
             return []
-        found: list[SpatialOpportunity] = []
-        for sell in live:
-            for buy in live:
-                if buy is not sell and sell[4] >= buy[3]:
-                    opp = self._pair(base, buy, sell)
-                    if opp is not None:
-                        found.append(opp)
-        found.sort(key=lambda o: o.net_profit, reverse=True)
-        return found
+        return [(buy, sell) for sell in live for buy in live if buy is not sell and sell[4] >= buy[3]]
 
     def _derive(self, key: MarketKey, book: BookSnapshot) -> _Live:
         """What the evaluation needs of one book, cached until the book or the FX rates change."""
@@ -208,7 +233,8 @@ class SpatialDetector:
         self._derived[key] = venue
         return venue
 
-    def _pair(self, base: str, buy: _Live, sell: _Live) -> SpatialOpportunity | None:
+    def _size(self, base: str, buy: _Live, sell: _Live) -> _SizedPair | None:
+        """Walk one pair to its best continuous size, before any rounding."""
         cfg = self.config
         bbook, bfx, bfee, _, _, _ = buy
         sbook, sfx, sfee, _, _, _ = sell
@@ -219,11 +245,12 @@ class SpatialDetector:
         else:
             pay, receive = bfx.cost, sfx.proceeds
         quote_free = self._balances.get((bbook.exchange, bquote))
-        q = _max_quantity(
+        q, gain = _max_quantity(
             bbook.asks, sbook.bids,
             ask_unit=pay,
             bid_unit=receive * (1.0 - sfee),
             hurdle=1.0 + bfee + self._hurdle_extra,
+            cost_mult=1.0 + bfee + cfg.transfer_cost,
             max_notional=cfg.max_notional,
             base_cap=self._balances.get((sbook.exchange, base)),
             quote_cap=quote_free,
@@ -231,10 +258,17 @@ class SpatialDetector:
         )
         if q <= 0.0:
             return None
+        return _SizedPair(base, bbook, sbook, bfx, sfx, bfee, sfee, pay, receive, quote_free, q, gain)
+
+    def _round(self, sized: _SizedPair) -> SpatialOpportunity | None:
+        """Floor the size to both lots, put the limits on the tick, and value what is left."""
+        cfg = self.config
+        bbook, sbook, bfee = sized.buy, sized.sell, sized.buy_fee
+        quote_free = sized.quote_free
         binst = self.instruments.get(bbook.exchange, bbook.symbol)
         sinst = self.instruments.get(sbook.exchange, sbook.symbol)
         lot = common_step(binst.lot_size, sinst.lot_size)
-        qty = round_to_step(snap(q), lot, up=False)
+        qty = round_to_step(snap(sized.quantity), lot, up=False)
         while True:
             if qty <= 0:
                 return None
@@ -254,39 +288,54 @@ class SpatialDetector:
             qty = smaller if smaller < qty else qty - lot
         if not (meets_minimums(binst, buy_price, qty) and meets_minimums(sinst, sell_price, qty)):
             return None
-        notional = cost * pay
-        received = proceeds * receive
+        notional = cost * sized.pay
+        received = proceeds * sized.receive
         gross = received - notional
-        fees = notional * bfee + received * sfee
+        fees = notional * bfee + received * sized.sell_fee
         transfer = notional * cfg.transfer_cost
         net = gross - fees - transfer
         if net <= 0.0 or net < notional * cfg.min_profit:
             return None
         return SpatialOpportunity(
-            asset=base, buy=bbook, sell=sbook, quantity=qty, buy_price=buy_price, sell_price=sell_price,
+            asset=sized.asset, buy=bbook, sell=sbook, quantity=qty, buy_price=buy_price, sell_price=sell_price,
             cost=cost, proceeds=proceeds, notional=notional, gross_profit=gross, fees=fees,
-            transfer_cost=transfer, net_profit=net, buy_fx=bfx, sell_fx=sfx,
+            transfer_cost=transfer, net_profit=net, buy_fx=sized.buy_fx, sell_fx=sized.sell_fx,
         )
 
     # ------------------------------------------------------------------ output
 
     def _signals(self, base: str, trigger: BookSnapshot, now_ns: int) -> list[Signal]:
-        opportunities = self.opportunities(base, now_ns)
-        if not opportunities:
-            return []
+        """The best opportunity, then the best among the books it leaves unused, and so on (two
+        signals sharing a book would both count its depth).
+
+        Rounding only loses profit, so a pair's continuous profit bounds its rounded one: pairs
+        are rounded lazily, best bound first, and one is taken once its rounded profit is at
+        least every remaining bound. This picks what rounding them all would, for a fraction
+        of the Decimal work.
+        """
+        heap: list[tuple[float, int, _SizedPair, SpatialOpportunity | None]] = []
+        for i, (buy, sell) in enumerate(self._crossing(base, now_ns)):
+            sized = self._size(base, buy, sell)
+            if sized is not None:
+                heap.append((-sized.bound * (1 + 1e-9), i, sized, None))
+        heapq.heapify(heap)
         out: list[Signal] = []
         used: set[MarketKey] = set()
-        for opp in opportunities:
-            # Two opportunities sharing a book would both count its depth: keep the better one.
-            buy_key = (opp.buy.exchange, opp.buy.symbol)
-            sell_key = (opp.sell.exchange, opp.sell.symbol)
+        while heap:
+            _, i, sized, opp = heapq.heappop(heap)
+            buy_key = (sized.buy.exchange, sized.buy.symbol)
+            sell_key = (sized.sell.exchange, sized.sell.symbol)
             if buy_key in used or sell_key in used:
+                continue
+            if opp is None:
+                opp = self._round(sized)
+                if opp is not None:
+                    heapq.heappush(heap, (-opp.net_profit, i, sized, opp))
                 continue
             used.add(buy_key)
             used.add(sell_key)
-            if self._cooling(opp, now_ns):
-                continue
-            out.append(self._signal(opp, trigger, now_ns))
+            if not self._cooling(opp, now_ns):
+                out.append(self._signal(opp, trigger, now_ns))
         return out
 
     def _cooling(self, opp: SpatialOpportunity, now_ns: int) -> bool:
@@ -344,13 +393,15 @@ def _max_quantity(
     ask_unit: float,
     bid_unit: float,
     hurdle: float,
+    cost_mult: float,
     max_notional: float,
     base_cap: float | None,
     quote_cap: float | None,
     lock_mult: float,
-) -> float:
+) -> tuple[float, float]:
     """Walk asks up and bids down together while the marginal unit clears the hurdle
-    (``bid * bid_unit >= ask * ask_unit * hurdle``); returns the quantity walked.
+    (``bid * bid_unit >= ask * ask_unit * hurdle``); returns the quantity walked and its net
+    profit (each unit earning ``bid * bid_unit - ask * ask_unit * cost_mult``).
 
     Stops early at the notional limit (``ask * ask_unit`` per unit), at the seller's base
     balance and where the buyer's quote balance no longer covers quantity x ask x lock_mult.
@@ -361,6 +412,7 @@ def _max_quantity(
     b, left_b = bids[0]
     q = 0.0
     notional = 0.0
+    gain = 0.0
     q_limit = math.inf if base_cap is None else base_cap
     while b * bid_unit >= a * ask_unit * hurdle:
         step = left_a if left_a < left_b else left_b
@@ -369,9 +421,12 @@ def _max_quantity(
             room = min(room, quote_cap / (a * lock_mult) - q)
         room = min(room, q_limit - q)
         if room <= step:
-            return q + room if room > 0.0 else q
+            if room > 0.0:
+                return q + room, gain + room * (b * bid_unit - a * ask_unit * cost_mult)
+            return q, gain
         q += step
         notional += step * a * ask_unit
+        gain += step * (b * bid_unit - a * ask_unit * cost_mult)
         left_a -= step
         left_b -= step
         if left_a <= 0.0:
@@ -384,4 +439,4 @@ def _max_quantity(
             if j == n_bids:
                 break
             b, left_b = bids[j]
-    return q
+    return q, gain

@@ -63,7 +63,7 @@ class TriangularConfig:
 
 
 class _Market:
-    __slots__ = ("base", "book", "exchange", "fee", "index", "quote", "symbol")
+    __slots__ = ("_ladders", "base", "book", "exchange", "fee", "index", "quote", "symbol")
 
     def __init__(self, index: int, exchange: str, symbol: str, fee: float) -> None:
         self.index = index
@@ -72,6 +72,19 @@ class _Market:
         self.base, _, self.quote = symbol.partition("/")
         self.fee = fee
         self.book: BookSnapshot | None = None
+        self._ladders: dict[Side, list[tuple[float, float]]] = {}
+
+    def set_book(self, book: BookSnapshot | None) -> None:
+        self.book = book
+        self._ladders.clear()
+
+    def ladder(self, side: Side) -> list[tuple[float, float]]:
+        """The book as a leg sees it, built once per book: a hub market serves hundreds of cycles."""
+        ladder = self._ladders.get(side)
+        if ladder is None:
+            assert self.book is not None
+            ladder = self._ladders[side] = _ladder(self.book, self.fee, side)
+        return ladder
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +159,25 @@ class TriangularOpportunity:
         return (factor - 1.0) * 10_000
 
 
+@dataclass(frozen=True, slots=True)
+class _Sized:
+    """A cycle walked at its best continuous size, not yet rounded to lots."""
+
+    cycle: Cycle
+    books: list[BookSnapshot]
+    markets: list[_Market]
+    start_value: float
+    fx_age: int | None
+    fx_rate: float | None
+    start: float
+    end: float
+
+    @property
+    def bound(self) -> float:
+        """Continuous profit in the reference currency: no rounding of it can do better."""
+        return (self.end - self.start) * self.start_value
+
+
 class TriangularDetector:
     """Pure core: books of one or more exchanges in, cycle signals out; time is an argument."""
 
@@ -181,7 +213,7 @@ class TriangularDetector:
         if book.status != "synced":
             self._clear(m)
             return []
-        m.book = book
+        m.set_book(book)
         self._rates[2 * m.index] = book.bids[0][0] * (1.0 - m.fee)
         self._rates[2 * m.index + 1] = (1.0 - m.fee) / book.asks[0][0]
         if not evaluate:
@@ -209,6 +241,7 @@ class TriangularDetector:
         if i is not None:
             m = self._markets[i]
             m.fee = float(instrument.taker_fee)
+            m.set_book(m.book)  # its ladders carry the old fee
             if m.book is not None:
                 self._rates[2 * i] = m.book.bids[0][0] * (1.0 - m.fee)
                 self._rates[2 * i + 1] = (1.0 - m.fee) / m.book.asks[0][0]
@@ -219,7 +252,7 @@ class TriangularDetector:
                 self._clear(m)
 
     def _clear(self, m: _Market) -> None:
-        m.book = None
+        m.set_book(None)
         self._rates[2 * m.index] = 0.0
         self._rates[2 * m.index + 1] = 0.0
 
@@ -289,8 +322,12 @@ class TriangularDetector:
         return [ci for s0, s1, s2, ci in self._cycles_of[market] if rates[s0] * rates[s1] * rates[s2] >= hurdle]
 
     def _evaluate(self, cycle: Cycle, now_ns: int) -> TriangularOpportunity | None:
-        cfg = self.config
-        oldest = now_ns - cfg.max_book_age_ns
+        sized = self._size(cycle, now_ns)
+        return self._round(sized) if sized is not None else None
+
+    def _size(self, cycle: Cycle, now_ns: int) -> _Sized | None:
+        """The best continuous size of a cycle (fresh books and a start value needed), before rounding."""
+        oldest = now_ns - self.config.max_book_age_ns
         markets = [self._markets[i] for i in cycle.markets]
         books: list[BookSnapshot] = []
         for m in markets:
@@ -301,23 +338,28 @@ class TriangularDetector:
         if value is None:
             return None
         start_value, fx_age, fx_rate = value
-        ladders = [_ladder(b, m.fee, s) for b, m, s in zip(books, markets, cycle.sides, strict=True)]
-        x, out = _walk(ladders, self._hurdle, cfg.max_notional / start_value)
+        ladders = [m.ladder(side) for m, side in zip(markets, cycle.sides, strict=True)]
+        x, out = _walk(ladders, self._hurdle, self.config.max_notional / start_value)
         if x <= 0.0:
             return None
+        return _Sized(cycle, books, markets, start_value, fx_age, fx_rate, x, out)
+
+    def _round(self, sized: _Sized) -> TriangularOpportunity | None:
+        """The legs of a sized cycle floored to their lots, forwards, and the profit they keep."""
         legs: list[TriangularLeg] = []
-        available = x
-        for book, m, side in zip(books, markets, cycle.sides, strict=True):
+        available = sized.start
+        for book, m, side in zip(sized.books, sized.markets, sized.cycle.sides, strict=True):
             leg = self._leg(book, m, side, available)
             if leg is None:
                 return None
             legs.append(leg)
             available = leg.received
         opp = TriangularOpportunity(
-            cycle=cycle, legs=(legs[0], legs[1], legs[2]), start_amount=legs[0].spent, end_amount=available,
-            start_value=start_value, unrounded_start=x, unrounded_profit=out - x, fx_age_ns=fx_age, fx_rate=fx_rate,
+            cycle=sized.cycle, legs=(legs[0], legs[1], legs[2]), start_amount=legs[0].spent, end_amount=available,
+            start_value=sized.start_value, unrounded_start=sized.start, unrounded_profit=sized.end - sized.start,
+            fx_age_ns=sized.fx_age, fx_rate=sized.fx_rate,
         )
-        if opp.profit <= 0.0 or opp.profit < opp.start_amount * cfg.min_profit:
+        if opp.profit <= 0.0 or opp.profit < opp.start_amount * self.config.min_profit:
             return None
         return opp
 
@@ -373,18 +415,22 @@ class TriangularDetector:
         crossing = self._crossing(m.index)
         if not crossing:
             return []
-        found = [opp for ci in crossing if (opp := self._evaluate(self.cycles[ci], now_ns)) is not None]
-        found.sort(key=lambda o: o.net_profit, reverse=True)
-        out: list[Signal] = []
-        used: set[int] = set()
-        for opp in found:
-            if used.intersection(opp.cycle.markets):  # cycles sharing a book would both count its depth
-                continue
-            used.update(opp.cycle.markets)
-            if self._cooling(opp, now_ns):
-                continue
-            out.append(self._signal(opp, trigger, now_ns))
-        return out
+        # Every cycle here runs through this market, so at most one of them can trade: the most
+        # profitable after rounding. Rounding only loses profit, so each cycle's continuous profit
+        # bounds its rounded one: round the best first and stop once no bound can beat the best
+        # rounded profit (a hub such as BTC/USDT jumping crosses hundreds of cycles at once).
+        sized = [s for ci in crossing if (s := self._size(self.cycles[ci], now_ns)) is not None]
+        sized.sort(key=lambda s: s.bound, reverse=True)
+        best: TriangularOpportunity | None = None
+        for candidate in sized:
+            if best is not None and candidate.bound * (1 + 1e-9) <= best.net_profit:
+                break
+            opp = self._round(candidate)
+            if opp is not None and (best is None or opp.net_profit > best.net_profit):
+                best = opp
+        if best is None or self._cooling(best, now_ns):
+            return []
+        return [self._signal(best, trigger, now_ns)]
 
     def _cooling(self, opp: TriangularOpportunity, now_ns: int) -> bool:
         key = (opp.cycle.exchange, opp.cycle.markets)
