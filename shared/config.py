@@ -173,11 +173,55 @@ class CollectorSettings(_Section, frozen=True):
     stale_after_ms: PosInt = 5_000
 
 
+class StatPairSettings(_Section, frozen=True):
+    """One statistical-arbitrage pair: ``y`` is modelled on ``x`` (log prices, Engle-Granger)."""
+
+    name: Name
+    y: Annotated[str, Meta(pattern=r"^[a-z0-9_-]+:[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")]
+    """``exchange:BASE/QUOTE``, e.g. ``upbit:BTC/KRW``."""
+    x: Annotated[str, Meta(pattern=r"^[a-z0-9_-]+:[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")]
+    to_reference: bool = True
+    """Convert both legs into the reference currency through FX before modelling (the kimchi premium)."""
+    bar_ms: PosInt = 60_000
+    window: Annotated[int, Meta(ge=30, le=100_000)] = 240
+    """Bars in the rolling window of the regression, the ADF test and the z-score."""
+    entry_z: PosFloat = 2.0
+    exit_z: NonNegFloat = 0.5
+    max_pvalue: Annotated[float, Meta(gt=0, le=1)] = 0.05
+    """Engle-Granger (ADF on the residual, MacKinnon p-value) must reject a unit root at this level."""
+    max_half_life_bars: PosFloat = 120.0
+    max_missing_bars: NonNegInt = 3
+    """A longer hole in either series restarts the window (the model assumes evenly spaced bars)."""
+    adf_lags: NonNegInt = 1
+    notional: NonNegFloat = 0.0
+    """Size of one entry in the reference currency; 0 = trading.max_notional."""
+
+
 class DetectorSettings(_Section, frozen=True):
     strategies: tuple[Literal["spatial", "triangular", "statistical"], ...] = ("spatial", "triangular")
     max_book_age_ms: PosInt = 2_000
     max_fx_age_ms: PosInt = 60_000
     lease_ttl_ms: PosInt = 5_000
+    assets: tuple[Annotated[str, Meta(pattern=r"^[A-Z0-9]{1,20}$")], ...] = ()
+    """Base assets whose ``md.<BASE>`` streams the detector reads; empty = every base of the enabled symbols."""
+    cooldown_ms: NonNegInt = 5_000
+    """Quiet time per (asset, buy venue, sell venue) after a signal, unless the edge grows."""
+    reemit_edge_step_bps: NonNegFloat = 1.0
+    """Within the cooldown, an opportunity is signalled again only if its net edge grew by this much."""
+    transfer_cost_bps: NonNegFloat = 0.0
+    """Amortised cost of moving inventory back, charged on each spatial trade's notional."""
+    default_tick_size: Annotated[float, Meta(gt=0)] = 1e-8
+    """Tick when no instrument metadata is published: finer than any listed price, so book prices stay as they are."""
+    default_lot_size: Annotated[float, Meta(gt=0)] = 1e-8
+    """Lot when no instrument metadata is published: one satoshi, the finest step the listed venues use."""
+    triangular_start_currencies: tuple[Annotated[str, Meta(pattern=r"^[A-Z0-9]{1,20}$")], ...] = (
+        "USDT", "USDC", "USD", "KRW", "BTC", "ETH",
+    )
+    """A cycle starts (and books its profit) in the first of these it contains; cycles with none are skipped."""
+    fx_pairs: tuple[UnifiedSymbol, ...] = ("USDT/KRW", "USDC/USDT", "USD/USDT", "USDC/KRW")
+    """FX pairs read from their latest-value keys at start-up (later ones arrive on the ``fx`` stream)."""
+    instruments_refresh_s: PosFloat = 60.0
+    stat_pairs: tuple[StatPairSettings, ...] = ()
 
 
 class RiskSettings(_Section, frozen=True):
@@ -453,6 +497,14 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
                         f"is required for live trading: set {name.upper()}_{what.upper()} in the environment",
                         show_value=False,
                     )
+    seen_pairs: set[str] = set()
+    for i, pair in enumerate(cfg.detector.stat_pairs):
+        if pair.exit_z >= pair.entry_z:
+            rule = f"must be below entry_z ({pair.entry_z})"
+            raise ConfigError(f"detector.stat_pairs[{i}].exit_z", rule, pair.exit_z)
+        if pair.name in seen_pairs:
+            raise ConfigError(f"detector.stat_pairs[{i}].name", "must be unique", pair.name)
+        seen_pairs.add(pair.name)
     if cfg.env == "production" and cfg.clickhouse.url.startswith("chdb://"):
         raise ConfigError("clickhouse.url", "must be a ClickHouse server (http://) in production", cfg.clickhouse.url)
 

@@ -7,6 +7,7 @@ which gives back the exchange's original string for any price that was parsed fr
 
 from __future__ import annotations
 
+import math
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
 from shared.models import Instrument, Side
@@ -34,6 +35,19 @@ def round_to_step(value: Decimal, step: Decimal, *, up: bool) -> Decimal:
         return value
     units = (value / step).to_integral_value(rounding=ROUND_CEILING if up else ROUND_FLOOR)
     return units * step
+
+
+def common_step(a: Decimal, b: Decimal) -> Decimal:
+    """The smallest step that is a whole multiple of both ``a`` and ``b`` (a quantity traded on
+    two markets must sit on both lot grids)."""
+    if a <= 0:
+        return b
+    if b <= 0:
+        return a
+    exp = min(int(a.as_tuple().exponent), int(b.as_tuple().exponent))
+    scale = Decimal(1).scaleb(exp)
+    ia, ib = int(a / scale), int(b / scale)
+    return Decimal(ia * ib // math.gcd(ia, ib)) * scale
 
 
 def round_price(instrument: Instrument, price: float | Decimal, side: Side) -> Decimal:
