@@ -516,7 +516,9 @@ def load_config(
 ) -> Config:
     """Build, freeze and validate the configuration. Raises ``ConfigError``."""
     environ = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
+    # Start from the full default tree so a partial override (one field of one exchange)
+    # keeps that table's other defaults instead of the field type's bare defaults.
+    raw: dict[str, Any] = typing.cast(dict[str, Any], msgspec.to_builtins(Config()))
     file = path or environ.get("ARB_CONFIG") or ("arb.toml" if Path("arb.toml").exists() else None)
     if file:
         try:

@@ -25,6 +25,7 @@ from shared.http import HttpServer
 from shared.logs import setup_logging
 from shared.models import Heartbeat, encode
 from shared.runtime import Bus, Consumer, Delivery, Producer, default_consumer_name, is_redis_down
+from shared.runtime.bus import wait_event
 from shared.runtime.inspect import stream_stats
 from shared.runtime.trim import trim_acknowledged
 from shared.streams import policy
@@ -110,11 +111,7 @@ class Service:
 
     async def sleep(self, seconds: float) -> bool:
         """Sleep unless asked to stop; returns False when stopping."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-            return False
-        except TimeoutError:
-            return True
+        return not await wait_event(self._stopping, seconds)
 
     async def main(self) -> None:
         metrics.SERVICE_UP.labels(self.name).set(1)

@@ -95,12 +95,8 @@ class StrategyRunner:
     # ------------------------------------------------------------------ leases
 
     async def keep_leases(self) -> None:
-        """Run the lease keeper until the service stops, then hand the streams over at once.
-
-        The keeper is stopped through its own flag rather than by cancellation alone: a
-        cancellation that lands while it waits out its renewal timer can be lost
-        (asyncio.wait_for before Python 3.12), and the keeper would then never return.
-        """
+        """Run the lease keeper until the service stops, then hand the streams over at once
+        (released leases, not expired ones, so a surviving replica takes them immediately)."""
         task = asyncio.create_task(self.keeper.run(), name=f"leases:{self.strategy}")
         try:
             while not self.service.stopping and not task.done():

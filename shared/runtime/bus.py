@@ -37,6 +37,20 @@ def backoff_delay(attempt: int) -> float:
     return float(_BACKOFF(SimpleNamespace(attempt_number=attempt)))  # type: ignore[arg-type]
 
 
+async def wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait for ``event`` at most ``seconds``; True if it was set.
+
+    ``asyncio.timeout`` rather than ``wait_for``: before Python 3.12 ``wait_for`` can
+    swallow a cancellation that lands while the timeout fires, leaving a task unstoppable.
+    """
+    try:
+        async with asyncio.timeout(seconds):
+            await event.wait()
+        return True
+    except TimeoutError:
+        return event.is_set()
+
+
 def is_redis_down(exc: BaseException) -> bool:
     return isinstance(exc, REDIS_DOWN) or (
         isinstance(exc, rexc.ResponseError) and str(exc).startswith(("LOADING", "MASTERDOWN", "TRYAGAIN"))

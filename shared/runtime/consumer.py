@@ -19,7 +19,6 @@ Guarantees:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -34,7 +33,7 @@ from redis.asyncio.client import Pipeline
 
 from shared import metrics
 from shared.models import decode
-from shared.runtime.bus import Bus, backoff_delay, is_redis_down
+from shared.runtime.bus import Bus, backoff_delay, is_redis_down, wait_event
 from shared.runtime.producer import FIELD, Producer
 from shared.streams import dlq
 
@@ -184,8 +183,7 @@ class Consumer:
         await self._sleep(backoff_delay(self._outage))
 
     async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+        await wait_event(self._stop, seconds)
 
     async def _next_entries(self) -> list[_Entry]:
         if self._recover:

@@ -9,7 +9,6 @@ extend or delete a lease someone else now holds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -17,7 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from shared import metrics
-from shared.runtime.bus import Bus, backoff_delay, is_redis_down
+from shared.runtime.bus import Bus, backoff_delay, is_redis_down, wait_event
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +156,7 @@ class LeaseKeeper:
                     for resource in list(self.held):
                         del self.held[resource]
                         await _call(self.on_lost, resource)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+            await wait_event(self._stop, delay)
 
     async def stop(self) -> None:
         self._stop.set()
