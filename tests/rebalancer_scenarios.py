@@ -3,16 +3,26 @@ BTC/KRW and USDT/KRW), books, FX, and a config builder."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
+
+import psycopg
+import redis
 
 from services.rebalancer.market import ConversionMarket, Marks
 from shared.config import Config, load_config
-from shared.models import BookSnapshot, FxRate
+from shared.ledger import seed_balances
+from shared.models import BookSnapshot, FxRate, encode
+from shared.streams import KeySpace
 
 D = Decimal
 FX = 1385.0
+START = {"binance": {"BTC": "1.8", "USDT": "12000"}, "upbit": {"BTC": "0.2", "KRW": "118000000"}}
+"""Paper start balances after a drain: coin piled up on Binance, KRW on Upbit."""
 
 KIMCHI_TARGETS: list[dict[str, Any]] = [
     {"exchange": "binance", "asset": "BTC", "target": 1, "low": 0.5},
@@ -78,3 +88,45 @@ def markets(cfg: Config, books: list[BookSnapshot]) -> list[ConversionMarket]:
 def market_view(cfg: Config, now_ns: int | None = None) -> tuple[list[ConversionMarket], Marks]:
     ms = markets(cfg, kimchi_books(now_ns))
     return ms, Marks.from_market("USDT", ms, [fx(now_ns)])
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def write_config(path: Path, **rebalancer: Any) -> Path:
+    lines = [
+        "[exchanges.binance]", 'symbols = ["BTC/USDT"]', "enabled = true",
+        "[exchanges.upbit]", 'symbols = ["BTC/KRW", "USDT/KRW"]', "enabled = true", "taker_fee = 0.0005",
+        "[exchanges.okx]", "enabled = false", "[exchanges.bybit]", "enabled = false",
+        "[rebalancer]",
+    ]
+    settings = {"targets": KIMCHI_TARGETS, "networks": KIMCHI_NETWORKS, **rebalancer}
+    lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(pg_url: str, redis_url: str, namespace: str) -> None:
+    """Paper start balances in the ledger, books and the FX rate in Redis."""
+
+    async def seed() -> None:
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c, c.transaction():
+            await seed_balances(c, namespace, "paper", START)
+
+    asyncio.run(seed())
+    keys = KeySpace("development", namespace)
+    client = redis.Redis.from_url(redis_url)
+    now = time.time_ns()
+    for b in kimchi_books(now):
+        client.set(keys.latest_book(b.exchange, b.symbol), encode(b))
+    client.set(keys.fx_latest("USDT/KRW"), encode(fx(now)))
+    client.close()

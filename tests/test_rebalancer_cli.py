@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import psycopg
@@ -20,68 +19,23 @@ from services.rebalancer.planner import Node, RebalancePlanner
 from services.rebalancer.service import guard_and_record
 from services.rebalancer.store import TransferStore
 from shared.config import load_config
-from shared.ledger import seed_balances
-from shared.models import Transfer, encode
-from shared.streams import KeySpace
+from shared.models import Transfer
 from tests.conftest import ROOT
 from tests.rebalancer_scenarios import (
     KIMCHI_ADDRESSES,
     KIMCHI_NETWORKS,
     KIMCHI_TARGETS,
+    START,
     D,
-    fx,
-    kimchi_books,
     market_view,
+    prepare,
+    write_config,
 )
-
-START = {"binance": {"BTC": "1.8", "USDT": "12000"}, "upbit": {"BTC": "0.2", "KRW": "118000000"}}
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return str(value)
-
-
-def write_config(path: Path, **rebalancer: Any) -> Path:
-    lines = [
-        "[exchanges.binance]", 'symbols = ["BTC/USDT"]', "enabled = true",
-        "[exchanges.upbit]", 'symbols = ["BTC/KRW", "USDT/KRW"]', "enabled = true", "taker_fee = 0.0005",
-        "[exchanges.okx]", "enabled = false", "[exchanges.bybit]", "enabled = false",
-        "[rebalancer]",
-    ]
-    settings = {"targets": KIMCHI_TARGETS, "networks": KIMCHI_NETWORKS, **rebalancer}
-    lines += [f"{k} = {toml_value(v)}" for k, v in settings.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def arb(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "shared.cli", "transfers", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
-
-
-def prepare(pg_url: str, redis_url: str, namespace: str) -> None:
-    """Paper start balances in the ledger, books and the FX rate in Redis."""
-
-    async def seed() -> None:
-        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c, c.transaction():
-            await seed_balances(c, namespace, "paper", START)
-
-    asyncio.run(seed())
-    keys = KeySpace("development", namespace)
-    client = redis.Redis.from_url(redis_url)
-    now = time.time_ns()
-    for b in kimchi_books(now):
-        client.set(keys.latest_book(b.exchange, b.symbol), encode(b))
-    client.set(keys.fx_latest("USDT/KRW"), encode(fx(now)))
-    client.close()
 
 
 def stream_states(redis_url: str, namespace: str) -> list[tuple[str, str]]:

@@ -164,3 +164,17 @@ async def test_a_live_plan_to_an_address_off_the_whitelist_is_refused_before_it_
         with pytest.raises(NotWhitelisted, match="BTC to upbit on BTC: no whitelisted address"):
             await guard_and_record(store, conn, plan, cfg.rebalancer, "live", time.time_ns())
         assert await store.list_transfers(conn) == []
+
+
+
+async def test_a_missing_balance_plans_nothing_and_raises_a_critical_alert(
+    live: tuple[RebalancerService, Bus], pg_url: str
+) -> None:
+    service, bus = live
+    del service.live_balances[Node("upbit", "KRW")]  # the executor never reported it
+    await service.run_round(time.time_ns())
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        assert await service.store.list_transfers(conn) == []
+    alerts = await published(bus, ALERTS, Alert)
+    assert [(a.kind, a.severity, a.message) for a in alerts] == [
+        ("planning_input", "critical", "rebalancer planned nothing: missing balance for upbit:KRW: nothing planned")]

@@ -23,11 +23,10 @@ from shared.ledger import load_balances, seed_balances
 from shared.models import Transfer
 from shared.runtime import FIELD, Bus
 from shared.streams import TRANSFERS
-from tests.rebalancer_scenarios import D, book, config, kimchi_books, market_view, markets
+from tests.rebalancer_scenarios import START, D, book, config, kimchi_books, market_view, markets
 
 NOW = 1_700_000_000_000_000_000
 NS = 1_000_000_000
-START = {"binance": {"BTC": "1.8", "USDT": "12000"}, "upbit": {"BTC": "0.2", "KRW": "118000000"}}
 
 
 @pytest.fixture

@@ -127,6 +127,17 @@ def test_a_coin_that_only_changed_venue_is_moved_back_not_sold() -> None:
     assert [s.node for s in result.shortfalls] == [Node("binance", "USDT")]
 
 
+def test_a_coin_that_only_changed_venue_is_never_bought_back_where_it_was_sold() -> None:
+    # The BTC network is closed: Upbit's KRW could buy BTC on Upbit (at the premium), but BTC is
+    # not short overall, so that would only undo the arbitrage. Nothing is planned for it.
+    networks = [dict(n, withdraw_enabled=False) if n["asset"] == "BTC" else n for n in KIMCHI_NETWORKS]
+    cfg = config({"networks": networks})
+    ms, marks = market_view(cfg, NOW)
+    result = planner_for(cfg).plan(kimchi_balances(), {}, ms, marks, NOW)
+    assert [p.destination for p in result.plans] == [Node("binance", "USDT")]
+    assert [s.node for s in result.shortfalls] == [Node("upbit", "BTC")]
+
+
 def test_an_asset_with_overall_excess_may_be_converted() -> None:
     cfg = config()
     ms, marks = market_view(cfg, NOW)
@@ -135,6 +146,28 @@ def test_an_asset_with_overall_excess_may_be_converted() -> None:
     assert plan.destination == Node("binance", "USDT")
     assert plan.route.source == Node("binance", "BTC")
     assert plan.route.need <= D("2")  # never more than the overall BTC excess
+
+
+def test_when_no_source_covers_the_target_the_largest_affordable_amount_restores_above_low() -> None:
+    cfg = config()
+    ms, marks = market_view(cfg, NOW)
+    # Upbit holds 30M KRW over its target: about 21.6k USDT, not the 48k Binance needs.
+    result = planner_for(cfg).plan(kimchi_balances(upbit_KRW="80000000"), {}, ms, marks, NOW)
+    plan = next(p for p in result.plans if p.destination == Node("binance", "USDT"))
+    assert plan.route.source == Node("upbit", "KRW") and plan.route.need <= D("30000000")
+    assert D("18000") <= plan.amount < D("48000")  # at least back to the low threshold (30k)
+    assert plan.route.need > D("30000000") - D("2000")  # and nearly all that Upbit can spare
+
+
+def test_share_targets_follow_the_asset_total() -> None:
+    targets = [dict(t, target=0.5, low=0.25, kind="share") if t["asset"] == "BTC" else t for t in KIMCHI_TARGETS]
+    cfg = config({"targets": targets})
+    ms, marks = market_view(cfg, NOW)
+    # 4 BTC in all: each venue should hold 2, and Upbit's 0.9 is below a quarter of 4.
+    result = planner_for(cfg).plan(kimchi_balances(binance_BTC="3.1", upbit_BTC="0.9"), {}, ms, marks, NOW)
+    plan = next(p for p in result.plans if p.destination == Node("upbit", "BTC"))
+    assert plan.route.need == D("1.1")  # all Binance holds above its half, fee included
+    assert plan.amount == D("1.0998")
 
 
 def test_excess_above_high_goes_to_a_venue_of_the_same_asset_below_target() -> None:

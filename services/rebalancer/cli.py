@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import redis.exceptions
 
 from services.rebalancer.networks import TransferNetworkTable
 from services.rebalancer.planner import Node, PlanningInputError, PlanningResult, RebalancePlanner
@@ -25,6 +26,7 @@ from services.rebalancer.store import TransferNotFound, TransferRecord, Transfer
 from services.rebalancer.transfers import ALL_STATES, IllegalTransition, NotWhitelisted, check_whitelist
 from shared.config import Config, ConfigError, load_config
 from shared.ledger import load_balances
+from shared.logs import Redactor
 from shared.runtime import Bus
 from shared.streams import KeySpace
 
@@ -68,6 +70,15 @@ def cmd_transfers(argv: list[str]) -> int:
         return asyncio.run(_run(cfg, args))
     except (TransferNotFound, IllegalTransition, NotWhitelisted, PlanningInputError) as exc:
         print(f"refused: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.errors.UndefinedTable:
+        print("the database has no transfers table yet: run `arb db migrate`", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(f"database unreachable: {Redactor()(str(exc).strip().splitlines()[0])}", file=sys.stderr)
+        return 1
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        print(f"redis unreachable: {Redactor()(str(exc))}", file=sys.stderr)
         return 1
 
 

@@ -19,11 +19,11 @@ dominated routes are dropped. The result is exact over all simple routes of at m
 edges that never return to an asset they converted away from (a property test checks it
 against brute force).
 
-Which inventory may pay: a source gives at most its excess over its target; it may be
-converted into another asset only from that asset's global excess (the sum of every venue's
-balance minus target), so the coin that spatial arbitrage shifted between venues is moved
-back, never sold, and only assets that piled up overall (KRW on a Korean venue) are
-converted.
+Which inventory may pay: a source gives at most its excess over its target. Conversion
+turns an asset with an overall excess (the sum over venues of balance minus target) into an
+asset with an overall shortage, never more than either: the coin that spatial arbitrage
+shifted between venues is moved back, neither sold nor bought again, and only what piled up
+overall (KRW on a Korean venue) is converted into what ran short (USDT).
 """
 
 from __future__ import annotations
@@ -524,7 +524,8 @@ class RebalancePlanner:
                 continue
             full = own.target - projected[node]
             least = own.low - projected[node]
-            self._plan_one(graph, node, full, least, self._caps(projected, node.asset), projected, marks,
+            shortage = -self._excess(projected).get(node.asset, ZERO)
+            self._plan_one(graph, node, full, least, self._caps(projected, node.asset), shortage, projected, marks,
                            "below_low", now_ns, result)
         for source in self._excesses(projected, marks):
             for dest in self._under_target(projected, source.asset, marks):
@@ -536,8 +537,8 @@ class RebalancePlanner:
                 if shortfall <= 0:
                     continue
                 amount = min(surplus, shortfall)
-                self._plan_one(graph, dest, amount, ZERO, {source: surplus}, projected, marks, "above_high",
-                               now_ns, result)
+                self._plan_one(graph, dest, amount, ZERO, {source: surplus}, ZERO, projected, marks,
+                               "above_high", now_ns, result)
         return result
 
     def plan_request(
@@ -556,7 +557,7 @@ class RebalancePlanner:
         projected = self.projected(balances, in_flight)
         result = PlanningResult()
         self._plan_one(self.graph(markets), destination, amount, amount, self._caps(projected, destination.asset),
-                       projected, marks, "manual", now_ns, result)
+                       amount, projected, marks, "manual", now_ns, result)
         return result
 
     def _plan_one(
@@ -566,6 +567,7 @@ class RebalancePlanner:
         full: Decimal,
         least: Decimal,
         caps: Mapping[Node, Decimal],
+        convertible: Decimal,
         projected: dict[Node, Decimal],
         marks: Marks,
         reason: PlanReason,
@@ -579,7 +581,7 @@ class RebalancePlanner:
             result.shortfalls.append(Shortfall(node, full, f"no price for {node.asset}"))
             return
         caps = {n: c for n, c in caps.items() if n != node and c > 0}
-        route = self._choose(graph, node, full, least, step, caps, marks)
+        route = self._choose(graph, node, full, least, step, caps, convertible, marks)
         if route is None:
             why = "no route: no source with enough excess, or no open network or book"
             result.shortfalls.append(Shortfall(node, full, why))
@@ -606,23 +608,34 @@ class RebalancePlanner:
             projected[node_delta] = projected.get(node_delta, ZERO) + delta
 
     def _choose(self, graph: TransferGraph, node: Node, full: Decimal, least: Decimal, step: Decimal,
-                caps: Mapping[Node, Decimal], marks: Marks) -> Route | None:
-        """The cheapest route for the full amount, unless moving the same asset back covers
-        at least ``least`` at a lower cost per unit delivered.
+                caps: Mapping[Node, Decimal], convertible: Decimal, marks: Marks) -> Route | None:
+        """Move the same asset back, or convert another asset into it: whichever costs less
+        per unit delivered. Each restores the full amount when some source can pay for it,
+        else the largest amount of at least ``least``.
 
-        A coin that only changed venue has no excess over its targets once fees are paid, so
-        restoring it in full would mean buying more of it; moving what the other venue can
-        spare is usually far cheaper, and leaves the destination above its low threshold."""
-        best = self._route(graph, node, full, caps, marks)
-        if best is not None and best.source.asset == node.asset:
-            return best
+        Conversion makes at most ``convertible`` of the asset (its overall shortage): a coin
+        that only changed venue is moved back, never bought again at the venue that sold it.
+        Moving it back can rarely restore the full target (the fees are lost on the way), but
+        it leaves the venue above its low threshold."""
         same = {n: c for n, c in caps.items() if n.asset == node.asset}
-        moved = self._route(graph, node, full, same, marks) if same else None
-        if moved is None and same and least < full:
-            moved = self._largest_route(graph, node, least, full, step, same, marks)
-        if best is None or moved is None:
-            return best or moved
-        return moved if self._cost_share(moved, marks) < self._cost_share(best, marks) else best
+        other = {n: c for n, c in caps.items() if n.asset != node.asset}
+        moved = self._affordable(graph, node, full, least, step, same, marks)
+        limit = min(full, round_to_step(convertible, step, up=False))
+        converted = self._affordable(graph, node, limit, least, step, other, marks) if limit >= least else None
+        if moved is None or converted is None:
+            return moved or converted
+        return moved if self._cost_share(moved, marks) <= self._cost_share(converted, marks) else converted
+
+    def _affordable(self, graph: TransferGraph, node: Node, full: Decimal, least: Decimal, step: Decimal,
+                    caps: Mapping[Node, Decimal], marks: Marks) -> Route | None:
+        """The cheapest route for ``full``, else for the largest amount in [least, full) that
+        a source in ``caps`` can pay for."""
+        if not caps:
+            return None
+        route = self._route(graph, node, full, caps, marks)
+        if route is None and least < full:
+            route = self._largest_route(graph, node, least, full, step, caps, marks)
+        return route
 
     @staticmethod
     def _cost_share(route: Route, marks: Marks) -> Decimal:
@@ -667,14 +680,18 @@ class RebalancePlanner:
         under = [n for n, b in bounds.items() if n.asset == asset and projected[n] < b.target]
         return sorted(under, key=lambda n: (-(bounds[n].target - projected[n]), n))
 
+    def _excess(self, projected: Mapping[Node, Decimal]) -> dict[str, Decimal]:
+        """Per asset: the sum over its venues of balance minus target (negative: short overall)."""
+        excess: dict[str, Decimal] = {}
+        for node, b in self.bounds(projected).items():
+            excess[node.asset] = excess.get(node.asset, ZERO) + projected[node] - b.target
+        return excess
+
     def _caps(self, projected: Mapping[Node, Decimal], asset: str) -> dict[Node, Decimal]:
         """What each venue may give towards a deficit in ``asset`` (see the module doc)."""
-        bounds = self.bounds(projected)
-        excess: dict[str, Decimal] = {}
-        for node, b in bounds.items():
-            excess[node.asset] = excess.get(node.asset, ZERO) + projected[node] - b.target
+        excess = self._excess(projected)
         caps: dict[Node, Decimal] = {}
-        for node, b in bounds.items():
+        for node, b in self.bounds(projected).items():
             surplus = projected[node] - b.target
             if node.asset != asset:
                 surplus = min(surplus, excess[node.asset])

@@ -23,7 +23,7 @@ import logging
 import time
 import uuid
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import msgspec
@@ -45,7 +45,7 @@ from services.rebalancer.transfers import (
     initial_state,
 )
 from services.rebalancer.wallets import WalletError, fetch_network_updates
-from shared.config import EXCHANGES, Config, RebalancerSettings
+from shared.config import EXCHANGES, Config, RebalancerSettings, Secrets
 from shared.ledger import load_balances
 from shared.models import Alert, Balance, BookSnapshot, Execution, FxRate, Transfer, TransferState, split_symbol
 from shared.runtime import FIELD, Bus, Delivery, Lease, Retryable, is_redis_down
@@ -58,6 +58,7 @@ ZERO = Decimal(0)
 NS = 1_000_000_000
 ALERT_REPEAT_NS = 15 * 60 * NS
 RECENT_NS = 3600 * NS
+Severity = Literal["info", "warning", "critical"]
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 
@@ -108,8 +109,8 @@ class MarketReader:
 class RebalancerService(Service):
     name = "rebalancer"
 
-    def __init__(self, cfg: Config, *args: Any, **kwargs: Any) -> None:
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: Config, secrets: Secrets | None = None, *, instance: str | None = None) -> None:
+        super().__init__(cfg, secrets, instance=instance)
         self.settings = cfg.rebalancer
         self.mode = cfg.trading.mode
         self.base_networks = TransferNetworkTable.from_settings(self.settings)
@@ -134,6 +135,7 @@ class RebalancerService(Service):
         if not self.settings.enabled:
             log.info("rebalancer disabled (rebalancer.enabled = false)")
             return
+        # Two connections: one for the round in progress, one for the executor's reports.
         self.pool = AsyncConnectionPool(self.cfg.postgres.url, min_size=1, max_size=2, open=False,
                                         kwargs={"autocommit": True}, timeout=10.0)
         await self.pool.open(wait=False)
@@ -357,7 +359,8 @@ class RebalancerService(Service):
 
     # ------------------------------------------------------------------ alerts
 
-    def alert(self, key: str, severity: Any, message: str, now_ns: int, labels: dict[str, str] | None = None) -> None:
+    def alert(self, key: str, severity: Severity, message: str, now_ns: int,
+              labels: dict[str, str] | None = None) -> None:
         """Publish an alert, at most once per ``key`` every 15 minutes."""
         last = self._alerted.get(key)
         if last is not None and now_ns - last < ALERT_REPEAT_NS:
