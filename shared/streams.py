@@ -178,7 +178,7 @@ class KeySpace:
 
     def transfers_in_flight(self, exchange: str) -> str:
         """Hash of one exchange's amounts tied up in open transfers, written by the rebalancer:
-        ``outgoing:<ASSET>`` will leave (approved or awaiting approval, not yet debited), so it
-        is not available to trade; ``incoming:<ASSET>`` is on its way and not yet credited.
+        ``outgoing:<ASSET>`` will leave in an open transfer (not yet debited), so it is not
+        available to trade; ``incoming:<ASSET>`` is on its way and not yet credited.
         Hash-tagged so all exchanges' hashes are replaced in one MULTI, also on a cluster."""
         return self.tagged(Domain.PORTFOLIO, ANY, f"transfers_in_flight:{exchange}")

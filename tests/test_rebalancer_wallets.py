@@ -258,6 +258,9 @@ async def test_each_exchange_wallet_endpoint_is_read_and_signed_as_documented(wa
             D(fee), D(minimum), can_withdraw, can_deposit), network
     if exchange == "gateio":
         assert table.get("gateio", "USDT", "ETH").withdraw_fee_rate == D("0.001")
+    if exchange == "okx":  # configured without labels: matched by chain, labelled as OKX names it
+        assert (table.get("okx", "USDT", "TRON").label, table.get("okx", "USDT", "ETH").label) == (
+            "USDT-TRC20", "USDT-ERC20")
     untouched = table.get("kucoin" if exchange != "kucoin" else "binance", "USDT", "TRON")
     assert untouched.withdraw_fee == D("9")  # other exchanges keep their configured values
 

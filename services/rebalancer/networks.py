@@ -39,9 +39,12 @@ _ALIASES: dict[str, str] = {
 
 
 def canonical_network(label: str) -> str:
-    """Our name for an exchange's network label: ``"TRC20"`` -> ``"TRON"``."""
+    """Our name for an exchange's network label: ``"TRC20"`` and OKX's ``"USDT-TRC20"`` -> ``"TRON"``."""
     key = label.strip().upper()
-    return _ALIASES.get(key, _ALIASES.get(key.replace(" ", ""), key))
+    for candidate in (key, key.replace(" ", ""), key.partition("-")[2], key.partition("-")[2].replace(" ", "")):
+        if candidate in _ALIASES:
+            return _ALIASES[candidate]
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +206,7 @@ class TransferNetworkTable:
             rows.append(
                 replace(
                     row,
+                    label=u.label.strip() or row.label,  # the exchange's own name, for its withdrawal endpoint
                     withdraw_fee=row.withdraw_fee if u.withdraw_fee is None else u.withdraw_fee,
                     withdraw_fee_rate=row.withdraw_fee_rate if u.withdraw_fee_rate is None else u.withdraw_fee_rate,
                     withdraw_min=row.withdraw_min if u.withdraw_min is None else u.withdraw_min,

@@ -135,11 +135,10 @@ def parse_okx(body: Any, assets: Iterable[str]) -> list[NetworkUpdate]:
         ccy, chain = row.get("ccy"), str(row.get("chain", ""))
         if ccy not in wanted:
             continue
-        label = chain[len(ccy) + 1:] if chain.startswith(f"{ccy}-") else chain  # "USDT-TRC20" -> "TRC20"
         what = f"okx {chain}"
         fee = row.get("fee") if row.get("fee") not in (None, "") else row.get("minFee")
         out.append(NetworkUpdate(
-            exchange="okx", asset=ccy, label=label,
+            exchange="okx", asset=ccy, label=chain,  # "USDT-TRC20": what OKX's withdrawal endpoint expects
             withdraw_fee=_dec(fee, f"{what} fee"),
             withdraw_fee_rate=_dec(row.get("burningFeeRate"), f"{what} burningFeeRate"),
             withdraw_min=_dec(row.get("minWd"), f"{what} minWd"),
