@@ -118,11 +118,11 @@ def write_config(path: Path, **rebalancer: Any) -> Path:
 def prepare(pg_url: str, redis_url: str, namespace: str) -> None:
     """Paper start balances in the ledger, books and the FX rate in Redis."""
 
-    async def seed() -> None:
+    async def fill_ledger() -> None:
         async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c, c.transaction():
             await seed_balances(c, namespace, "paper", START)
 
-    asyncio.run(seed())
+    asyncio.run(fill_ledger())
     keys = KeySpace("development", namespace)
     client = redis.Redis.from_url(redis_url)
     now = time.time_ns()

@@ -130,7 +130,7 @@ async def trades_possible_without_rebalancing(conn: psycopg.AsyncConnection, ses
 
 
 CONSERVATION_SQL = """
-WITH seed(asset, amount) AS (SELECT * FROM unnest(%(assets)s::text[], %(amounts)s::numeric[])),
+WITH start(asset, amount) AS (SELECT * FROM unnest(%(assets)s::text[], %(amounts)s::numeric[])),
 final AS (SELECT asset, SUM(free + locked) AS amount FROM balances WHERE session = %(s)s AND mode = 'paper'
           GROUP BY asset),
 trade AS (
@@ -149,11 +149,11 @@ conversion AS (
 withdrawal_fee AS (
     SELECT from_asset AS asset, SUM(debited - credited) AS paid, SUM(fee_charged) AS charged
     FROM step WHERE kind = 'withdrawal' AND state = 'done' GROUP BY from_asset)
-SELECT f.asset, f.amount AS final, s.amount AS seed,
+SELECT f.asset, f.amount AS final, s.amount AS start,
        COALESCE((SELECT SUM(delta) FROM trade t WHERE t.asset = f.asset), 0) AS trades,
        COALESCE((SELECT SUM(delta) FROM conversion c WHERE c.asset = f.asset), 0) AS conversions,
        COALESCE(w.paid, 0) AS fees_paid, COALESCE(w.charged, 0) AS fees_charged
-FROM final f JOIN seed s USING (asset) LEFT JOIN withdrawal_fee w USING (asset)
+FROM final f JOIN start s USING (asset) LEFT JOIN withdrawal_fee w USING (asset)
 ORDER BY f.asset
 """
 
@@ -189,14 +189,19 @@ async def test_rebalancer_restores_thresholds_so_spatial_arbitrage_continues_and
                 if not await driver.trade():
                     await asyncio.sleep(0.05)  # a side is dry: wait for the rebalancer
             assert driver.done == TRADES, f"trading stopped after {driver.done} trades"
-            while time.monotonic() < deadline:  # let the last transfers land
+            # Let the last transfers land: nothing open, twice, with two full rounds in between
+            # (a round already under way may still plan after the last trade).
+            quiet, mark = 0, service.rounds
+            while quiet < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
                 cur = await conn.execute(
                     "SELECT count(*) FROM transfers WHERE session = %s AND state NOT IN "
                     "('completed', 'cancelled', 'failed')", (namespace,))
                 row = await cur.fetchone()
-                if row is not None and row[0] == 0:
-                    break
-                await asyncio.sleep(0.1)
+                if row is None or row[0] > 0:
+                    quiet, mark = 0, service.rounds
+                elif service.rounds >= mark + 2:
+                    quiet, mark = quiet + 1, service.rounds
         finally:
             service.stop()
             await asyncio.wait_for(running, 30)
@@ -217,18 +222,17 @@ async def test_rebalancer_restores_thresholds_so_spatial_arbitrage_continues_and
         for node, low in BOUNDS.items():
             assert final[node][0] >= low, f"{node} below its low threshold: {final[node][0]}"
 
-        seeds = [(ex_assets, amount) for ex in START.values() for ex_assets, amount in ex.items()]
         totals: dict[str, Decimal] = {}
-        for asset, amount in seeds:
+        for asset, amount in ((a, v) for held in START.values() for a, v in held.items()):
             totals[asset] = totals.get(asset, D(0)) + amount
         cur = await conn.execute(CONSERVATION_SQL, {"s": namespace, "assets": list(totals),
                                                     "amounts": list(totals.values())})
         rows = await cur.fetchall()
         assert {r[0] for r in rows} == {"BTC", "USDT", "KRW"}
         fees_total = D(0)
-        for asset, final_amount, seed, trades, conversions, fees_paid, fees_charged in rows:
+        for asset, final_amount, start, trades, conversions, fees_paid, fees_charged in rows:
             # Exactly: what the ledger holds = start + trades + conversions - withdrawal fees.
-            assert final_amount == seed + trades + conversions - fees_paid, asset
+            assert final_amount == start + trades + conversions - fees_paid, asset
             assert fees_paid == fees_charged
             fees_total += fees_paid
         assert fees_total > 0

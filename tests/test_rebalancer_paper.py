@@ -35,7 +35,7 @@ async def conn(pg_url: str) -> AsyncIterator[psycopg.AsyncConnection]:
         yield c
 
 
-async def seeded(conn: psycopg.AsyncConnection, session: str) -> None:
+async def with_start_balances(conn: psycopg.AsyncConnection, session: str) -> None:
     async with conn.transaction():
         await seed_balances(conn, session, "paper", START)
 
@@ -65,7 +65,7 @@ async def test_conversion_runs_at_the_book_and_the_withdrawal_credits_after_its_
     conn: psycopg.AsyncConnection, namespace: str
 ) -> None:
     cfg = config()
-    await seeded(conn, namespace)
+    await with_start_balances(conn, namespace)
     store = TransferStore(namespace, "paper", "USDT")
     plan = usdt_plan(cfg)
     record, state, _ = await guard_and_record(store, conn, plan, cfg.rebalancer, "paper", NOW)
@@ -102,7 +102,7 @@ async def test_concurrent_and_repeated_rounds_apply_every_step_exactly_once(pg_u
     cfg = config()
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c1, \
             await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c2:
-        await seeded(c1, namespace)
+        await with_start_balances(c1, namespace)
         store = TransferStore(namespace, "paper", "USDT")
         plan = usdt_plan(cfg)
         await guard_and_record(store, c1, plan, cfg.rebalancer, "paper", NOW)
@@ -123,7 +123,7 @@ async def test_transfer_over_the_approval_cap_never_executes_until_approved(
     conn: psycopg.AsyncConnection, namespace: str
 ) -> None:
     cfg = config({"paper_auto_approve": False, "auto_approve": True, "approval_caps": {"KRW": 10_000_000}})
-    await seeded(conn, namespace)
+    await with_start_balances(conn, namespace)
     store = TransferStore(namespace, "paper", "USDT")
     plan = usdt_plan(cfg)
     _, state, why = await guard_and_record(store, conn, plan, cfg.rebalancer, "paper", NOW)
@@ -145,7 +145,7 @@ async def test_a_source_without_the_funds_fails_the_transfer_and_moves_nothing(
     conn: psycopg.AsyncConnection, namespace: str
 ) -> None:
     cfg = config()
-    await seeded(conn, namespace)
+    await with_start_balances(conn, namespace)
     store = TransferStore(namespace, "paper", "USDT")
     plan = usdt_plan(cfg)
     await guard_and_record(store, conn, plan, cfg.rebalancer, "paper", NOW)
@@ -163,7 +163,7 @@ async def test_a_withdrawal_after_a_thinner_conversion_sends_what_arrived_net_of
     conn: psycopg.AsyncConnection, namespace: str
 ) -> None:
     cfg = config()
-    await seeded(conn, namespace)
+    await with_start_balances(conn, namespace)
     store = TransferStore(namespace, "paper", "USDT")
     plan = usdt_plan(cfg)
     await guard_and_record(store, conn, plan, cfg.rebalancer, "paper", NOW)
@@ -191,7 +191,7 @@ async def test_every_state_change_is_published_once_in_order(
     conn: psycopg.AsyncConnection, namespace: str, bus: Bus
 ) -> None:
     cfg = config()
-    await seeded(conn, namespace)
+    await with_start_balances(conn, namespace)
     store = TransferStore(namespace, "paper", "USDT")
     plan = usdt_plan(cfg)
     await guard_and_record(store, conn, plan, cfg.rebalancer, "paper", NOW)
@@ -211,7 +211,7 @@ async def test_every_state_change_is_published_once_in_order(
 async def test_the_state_machine_refuses_what_it_does_not_allow(conn: psycopg.AsyncConnection,
                                                                 namespace: str) -> None:
     cfg = config()
-    await seeded(conn, namespace)
+    await with_start_balances(conn, namespace)
     store = TransferStore(namespace, "paper", "USDT")
     plan = usdt_plan(cfg)
     await guard_and_record(store, conn, plan, cfg.rebalancer, "paper", NOW)

@@ -53,7 +53,7 @@ class WalletError(RuntimeError):
     """A wallet endpoint could not be read or answered with something we cannot use."""
 
 
-# --------------------------------------------------------------------------- parsing helpers
+# --------------------------------------------------------------------------- value parsing
 
 
 def _dec(value: Any, what: str) -> Decimal | None:
