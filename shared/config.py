@@ -24,6 +24,7 @@ import re
 import tomllib
 import typing
 from collections.abc import Iterator, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,11 +43,15 @@ Fraction = Annotated[float, Meta(ge=0, lt=1)]
 Port = Annotated[int, Meta(ge=0, le=65535)]
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 UnifiedSymbol = Annotated[str, Meta(pattern=r"^[A-Z0-9]{1,20}/[A-Z0-9]{1,20}$")]
+Asset = Annotated[str, Meta(pattern=r"^[A-Z0-9]{1,20}$")]
+NetworkName = Annotated[str, Meta(pattern=r"^[A-Z0-9_-]{1,40}$")]
 
 
 _PATTERN_WORDS = {
     typing.get_args(UnifiedSymbol)[1].pattern: "must be a BASE/QUOTE symbol in capitals, like BTC/USDT",
     typing.get_args(Name)[1].pattern: "must be 1-64 letters, digits, '_' or '-'",
+    typing.get_args(Asset)[1].pattern: "must be an asset code in capitals, like BTC",
+    typing.get_args(NetworkName)[1].pattern: "must be a network name in capitals, like TRON",
 }
 
 
@@ -236,8 +241,91 @@ class ExecutorSettings(_Section, frozen=True):
     """Paper balances per exchange and asset, e.g. {binance = {USDT = 10000, BTC = 0.2}}."""
 
 
+class InventoryTarget(_Section, frozen=True, kw_only=True):
+    """Where one asset should sit on one venue.
+
+    ``kind = "absolute"``: amounts of the asset; ``kind = "share"``: fractions of the asset's
+    total over every venue holding it. Below ``low`` the venue is restored to ``target``;
+    above ``high`` its excess goes to venues of the same asset below their target.
+    """
+
+    exchange: str
+    asset: Asset
+    target: Decimal
+    low: Decimal
+    high: Decimal | None = None
+    kind: Literal["absolute", "share"] = "absolute"
+
+
+class TransferNetworkSettings(_Section, frozen=True, kw_only=True):
+    """One way to move one asset in or out of one exchange: a blockchain network.
+
+    A withdrawal from A to B over network N needs A's row withdraw-enabled and B's row
+    deposit-enabled. ``network`` is our name for the chain (the same on every exchange);
+    ``label`` is the exchange's own name for it (``TRX``, ``TRC20``, ``USDT-TRC20``), used to
+    match the exchange's wallet endpoint on refresh. Fees are in the asset and charged on
+    top of the amount that arrives: ``withdraw_fee + withdraw_fee_rate * amount``.
+    """
+
+    exchange: str
+    asset: Asset
+    network: NetworkName
+    label: str = ""
+    withdraw_fee: Decimal
+    withdraw_fee_rate: Decimal = Decimal(0)
+    withdraw_min: Decimal = Decimal(0)
+    """Smallest amount one withdrawal may send (the fee not included)."""
+    confirm_seconds: NonNegFloat
+    """Typical seconds from the withdrawal request until the deposit is credited."""
+    withdraw_enabled: bool = True
+    deposit_enabled: bool = True
+
+
+class WithdrawalAddress(_Section, frozen=True, kw_only=True):
+    """A whitelisted deposit address: the only places a live withdrawal may go."""
+
+    exchange: str
+    """The exchange that owns the address (the destination)."""
+    asset: Asset
+    network: NetworkName
+    address: Annotated[str, Meta(min_length=1, max_length=256)]
+    memo: str = ""
+
+
 class RebalancerSettings(_Section, frozen=True):
     enabled: bool = True
+    interval_s: PosFloat = 10.0
+    """Planning runs this often, and after every execution."""
+    max_steps: Annotated[int, Meta(ge=1, le=6)] = 4
+    """Longest route considered (withdrawals plus conversions)."""
+    capital_cost_per_hour: Decimal = Decimal("0.00002")
+    """Cost of capital in flight, as a fraction of its value per hour: weighs time against fees."""
+    targets: tuple[InventoryTarget, ...] = ()
+    networks: tuple[TransferNetworkSettings, ...] = ()
+    addresses: tuple[WithdrawalAddress, ...] = ()
+    approval_caps: dict[str, Decimal] = {}
+    """Per asset: a live transfer moving more than this waits for `arb transfers approve`.
+    An asset without a cap always waits."""
+    auto_approve: bool = False
+    """Live transfers within every cap are approved without a person; off by default."""
+    paper_auto_approve: bool = True
+    """Paper transfers skip approval; set false to rehearse the live approval flow."""
+    refresh_interval_s: NonNegFloat = 0.0
+    """Re-read withdrawal fees, minimums and wallet status from the exchanges; 0 = never."""
+    amount_steps: dict[str, Decimal] = msgspec.field(default_factory=lambda: {"KRW": Decimal(1)})
+    """Smallest unit per asset for transfer amounts (default 1e-8)."""
+    max_cost_fraction: Decimal = Decimal("0.05")
+    """A plan costing more than this fraction of the value it delivers is not made (alerted instead)."""
+    max_book_age_s: PosFloat = 30.0
+    """Older books are not used for conversions or prices."""
+    max_fx_age_s: PosFloat = 600.0
+
+    def whitelisted_address(self, exchange: str, asset: str, network: str) -> WithdrawalAddress | None:
+        """The whitelisted deposit address of ``exchange`` for ``asset`` on ``network``, if any."""
+        for entry in self.addresses:
+            if (entry.exchange, entry.asset, entry.network) == (exchange, asset, network):
+                return entry
+        return None
 
 
 class Config(_Section, frozen=True):
@@ -505,8 +593,73 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
         if pair.name in seen_pairs:
             raise ConfigError(f"detector.stat_pairs[{i}].name", "must be unique", pair.name)
         seen_pairs.add(pair.name)
+    _validate_rebalancer(cfg.rebalancer)
     if cfg.env == "production" and cfg.clickhouse.url.startswith("chdb://"):
         raise ConfigError("clickhouse.url", "must be a ClickHouse server (http://) in production", cfg.clickhouse.url)
+
+
+def _validate_rebalancer(rb: RebalancerSettings) -> None:
+    def exchange_rule(field: str, name: str) -> None:
+        if name not in EXCHANGES:
+            raise ConfigError(field, f"must be one of {', '.join(EXCHANGES)}", name)
+
+    def not_negative(field: str, value: Decimal) -> None:
+        if not value.is_finite() or value < 0:
+            raise ConfigError(field, "must not be negative", str(value))
+
+    seen_targets: set[tuple[str, str]] = set()
+    for i, t in enumerate(rb.targets):
+        at = f"rebalancer.targets[{i}]"
+        exchange_rule(f"{at}.exchange", t.exchange)
+        if (t.exchange, t.asset) in seen_targets:
+            raise ConfigError(at, f"repeats the target of {t.exchange} {t.asset}", show_value=False)
+        seen_targets.add((t.exchange, t.asset))
+        for name in ("target", "low"):
+            not_negative(f"{at}.{name}", getattr(t, name))
+        if t.high is not None:
+            not_negative(f"{at}.high", t.high)
+        if t.low > t.target:
+            raise ConfigError(f"{at}.low", f"must not exceed target ({t.target})", str(t.low))
+        if t.high is not None and t.high < t.target:
+            raise ConfigError(f"{at}.high", f"must not be below target ({t.target})", str(t.high))
+        if t.kind == "share" and max(t.target, t.high or 0) > 1:
+            raise ConfigError(f"{at}.target", "must be a fraction of the asset's total (at most 1) when kind is share",
+                              str(t.target))
+    known: dict[tuple[str, str], list[str]] = {}
+    for i, n in enumerate(rb.networks):
+        at = f"rebalancer.networks[{i}]"
+        exchange_rule(f"{at}.exchange", n.exchange)
+        not_negative(f"{at}.withdraw_fee", n.withdraw_fee)
+        not_negative(f"{at}.withdraw_min", n.withdraw_min)
+        not_negative(f"{at}.withdraw_fee_rate", n.withdraw_fee_rate)
+        if n.withdraw_fee_rate >= 1:
+            raise ConfigError(f"{at}.withdraw_fee_rate", "must be a fraction below 1", str(n.withdraw_fee_rate))
+        networks = known.setdefault((n.exchange, n.asset), [])
+        if n.network in networks:
+            raise ConfigError(at, f"repeats network {n.network} of {n.exchange} {n.asset}", show_value=False)
+        networks.append(n.network)
+    seen_addresses: set[tuple[str, str, str]] = set()
+    for i, a in enumerate(rb.addresses):
+        at = f"rebalancer.addresses[{i}]"
+        exchange_rule(f"{at}.exchange", a.exchange)
+        networks = known.get((a.exchange, a.asset), [])
+        if a.network not in networks:
+            listed = ", ".join(sorted(networks)) or "none configured"
+            raise ConfigError(f"{at}.network", f"is not a known network of {a.exchange} {a.asset} ({listed})",
+                              a.network)
+        if (a.exchange, a.asset, a.network) in seen_addresses:
+            raise ConfigError(at, f"repeats the address of {a.exchange} {a.asset} {a.network}", show_value=False)
+        seen_addresses.add((a.exchange, a.asset, a.network))
+    for asset, cap in rb.approval_caps.items():
+        not_negative(f"rebalancer.approval_caps.{asset}", cap)
+    for asset, step in rb.amount_steps.items():
+        if not step.is_finite() or step <= 0:
+            raise ConfigError(f"rebalancer.amount_steps.{asset}", "must be positive", str(step))
+    if not rb.max_cost_fraction.is_finite() or not 0 < rb.max_cost_fraction <= 1:
+        raise ConfigError("rebalancer.max_cost_fraction", "must be a fraction in (0, 1]", str(rb.max_cost_fraction))
+    rate = rb.capital_cost_per_hour
+    if not rate.is_finite() or rate < 0 or rate >= Decimal("0.01"):
+        raise ConfigError("rebalancer.capital_cost_per_hour", "must be a fraction per hour in [0, 0.01)", str(rate))
 
 
 def load_config(

@@ -309,7 +309,14 @@ TransferState: TypeAlias = Literal[
 
 
 class TransferStep(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """One edge of a rebalancing route: a withdrawal between venues or a same-venue conversion."""
+    """One edge of a rebalancing route: a withdrawal between venues or a same-venue conversion.
+
+    Withdrawal: ``amount`` arrives at the destination; ``fee`` (in the asset) is charged on
+    top at the source, which is debited ``amount + fee``. Conversion: ``amount`` of
+    ``from_asset`` is sold at the book for ``amount_out`` of ``to_asset``, net of the taker
+    ``fee`` (in ``to_asset``). ``network`` is the chain of a withdrawal and the market
+    (``USDT/KRW``) of a conversion.
+    """
 
     kind: Literal["withdrawal", "conversion"]
     from_exchange: str
@@ -320,6 +327,13 @@ class TransferStep(msgspec.Struct, kw_only=True, omit_defaults=True):
     fee: Decimal = Decimal(0)
     network: str = ""
     expected_seconds: float = 0.0
+    amount_out: Decimal = Decimal(0)
+    """What the step delivers at ``to_exchange`` in ``to_asset`` (expected, for conversions)."""
+    network_label: str = ""
+    """The source exchange's own name for ``network`` (what its withdrawal endpoint expects)."""
+    address: str = ""
+    """Withdrawal destination, taken only from the whitelist (``rebalancer.addresses``)."""
+    memo: str = ""
 
 
 class Transfer(Message, tag="transfer", kw_only=True):
@@ -333,6 +347,8 @@ class Transfer(Message, tag="transfer", kw_only=True):
     expected_seconds: float
     ts_ns: int
     reason: str = ""
+    mode: Literal["paper", "live", "backtest"] = "paper"
+    """Only ``live`` transfers may ever reach an exchange's withdrawal endpoint."""
 
 
 class Alert(Message, tag="alert", kw_only=True):

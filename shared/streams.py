@@ -103,7 +103,7 @@ READERS: dict[str, tuple[str, ...]] = {
     FILLS: (Group.RISK, Group.REBALANCER),
     EXECUTIONS: (Group.RISK, Group.REBALANCER),
     BALANCES: (Group.RISK, Group.REBALANCER),
-    TRANSFERS: (Group.EXECUTOR,),
+    TRANSFERS: (Group.EXECUTOR, Group.REBALANCER),
     ALERTS: (Group.ALERTER,),
 }
 
@@ -175,3 +175,10 @@ class KeySpace:
 
     def balances(self, exchange: str) -> str:
         return self.key(Domain.PORTFOLIO, ANY, f"balances:{exchange}")
+
+    def transfers_in_flight(self, exchange: str) -> str:
+        """Hash of one exchange's amounts tied up in open transfers, written by the rebalancer:
+        ``outgoing:<ASSET>`` will leave in an open transfer (not yet debited), so it is not
+        available to trade; ``incoming:<ASSET>`` is on its way and not yet credited.
+        Hash-tagged so all exchanges' hashes are replaced in one MULTI, also on a cluster."""
+        return self.tagged(Domain.PORTFOLIO, ANY, f"transfers_in_flight:{exchange}")

@@ -15,6 +15,7 @@ BENCHES: dict[str, str] = {
     "detector": "services.detector.bench:main",
     "risk": "services.risk.bench:main",
     "executor": "services.executor.bench:main",
+    "rebalancer": "services.rebalancer.bench:main",
 }
 
 
