@@ -48,7 +48,7 @@ class CaptureError(ValueError):
     """A line that fits none of the capture layouts."""
 
 
-_NS_LINE = re.compile(rb"^(\d{16,20}) (.*)$", re.DOTALL)
+_NS_LINE = re.compile(rb"^(\d+) (.*)$", re.DOTALL)
 _TS_LINE = re.compile(rb"^(\d{9,11}(?:\.\d+)?): (.*)$", re.DOTALL)
 _URL_LINE = re.compile(rb"^((?:https?|wss?)://\S+) (->|<-|<->) (\d{9,11}(?:\.\d+)?)(?:: (.*))?$", re.DOTALL)
 

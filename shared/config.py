@@ -128,6 +128,10 @@ class ExchangeSettings(_Section, frozen=True):
     ws_url: str = ""
     """Override the exchange's public WebSocket URL (e.g. the local simulator)."""
     rest_url: str = ""
+    book_depth: NonNegInt = 0
+    """Depth of the book channel where the exchange offers several (Bybit 1/50/200/1000); 0 = the module's."""
+    book_channel: str = ""
+    """Another book channel of the same protocol (OKX ``books-l2-tbt``, VIP only); empty = the module's."""
 
 
 def _ex(enabled: bool, symbols: tuple[str, ...], taker: float, maker: float | None = None) -> ExchangeSettings:
@@ -479,6 +483,19 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
         raise ConfigError("clickhouse.url", "must be a ClickHouse server (http://) in production", cfg.clickhouse.url)
 
 
+def _fill_exchange_defaults(raw: dict[str, Any]) -> None:
+    """Each exchange has its own defaults (enabled, symbols, fees): a table that sets one field
+    (``ARB_EXCHANGES__BINANCE__WS_URL``) keeps that exchange's other defaults instead of falling
+    back to the generic ``ExchangeSettings()`` (disabled, no symbols)."""
+    tables = raw.get("exchanges")
+    if not isinstance(tables, dict):
+        return
+    defaults = msgspec.to_builtins(ExchangesSettings())
+    for name, table in tables.items():
+        if isinstance(table, dict) and name in defaults:
+            tables[name] = {**defaults[name], **table}
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -509,6 +526,7 @@ def load_config(
             _set_path(raw, dest, _env_value(value))
     if overrides:
         _deep_merge(raw, dict(overrides))
+    _fill_exchange_defaults(raw)
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as err:

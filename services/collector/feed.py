@@ -322,9 +322,12 @@ class Feed:
     # ------------------------------------------------------------------ reporting
 
     def health(self) -> dict[str, Any]:
+        books = self.core.health(time.time_ns())
+        for symbol in self.symbols:  # configured books not known yet (no metadata: offline)
+            books.setdefault(symbol, {"status": "stale", "reason": self.state, "seq": 0, "age_s": None})
         return {
             "state": self.state,
             "sessions": self.sessions,
             "last_error": self.last_error,
-            "books": self.core.health(time.time_ns()),
+            "books": books,
         }

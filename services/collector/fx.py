@@ -48,6 +48,7 @@ class FxDesk:
         self.max_age_ns = max_age_ns
         self.realert_ns = realert_ns
         self.latest: dict[str, FxRate] = {}
+        self._seen: dict[str, int] = {}
         self._last_quote: tuple[float, float] | None = None
         self._alerting = False
         self._last_alert_ns = 0
@@ -77,12 +78,14 @@ class FxDesk:
 
     def _update(self, fx: FxRate, now_ns: int) -> list[Message]:
         self.latest[fx.pair] = fx
+        self._seen[fx.pair] = now_ns
         metrics.FX_RATE.labels(fx.pair, fx.source).set(fx.rate)
         usdt, usd = self.latest.get(self.source_symbol), self.latest.get(USD_KRW)
         if usdt is None or usd is None or usd.rate <= 0:
             return []
-        if now_ns - usdt.ts_source_ns > self.max_age_ns or now_ns - usd.ts_source_ns > self.max_age_ns:
-            return []  # an old quote says nothing about the other one
+        # Compare only quotes we received recently (local clock: no exchange clock skew involved).
+        if min(self._seen[self.source_symbol], self._seen[USD_KRW]) < now_ns - self.max_age_ns:
+            return []
         divergence = abs(usdt.rate / usd.rate - 1)
         metrics.FX_DIVERGENCE.labels(self.source_symbol, USD_KRW).set(divergence)
         if divergence <= self.max_divergence:

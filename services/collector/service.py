@@ -56,8 +56,6 @@ class CollectorService(Service):
             ticks=self.ticks,
         )
         self.fx = FxDesk(source_symbol=c.fx_source, max_divergence=c.fx_max_divergence)
-        options = VenueOptions(snapshot_depth=c.snapshot_depth, trades=c.trades, bbo=c.bbo,
-                               upbit_format=c.upbit_format)
         self.feeds: dict[str, Feed] = {}
         self.rests: list[RestClient] = []
         for name in cfg.exchanges.enabled():
@@ -65,7 +63,10 @@ class CollectorService(Service):
                 log.warning("no collector module for this exchange yet", extra={"exchange": name})
                 continue
             ex = cfg.exchanges.get(name)
-            venue = make_venue(name, options)
+            venue = make_venue(name, VenueOptions(
+                snapshot_depth=c.snapshot_depth, trades=c.trades, bbo=c.bbo, upbit_format=c.upbit_format,
+                channel_depth=ex.book_depth, book_channel=ex.book_channel,
+            ))
             rest = RestClient(name, ex.rest_url or venue.rest_url, venue.rest_limit)
             self.rests.append(rest)
             feed = Feed(

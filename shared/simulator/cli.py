@@ -58,6 +58,10 @@ def cmd_simulator(argv: list[str]) -> int:
 
 
 async def _serve(plan: list[tuple[str, list[str]]], args: argparse.Namespace, faults: Faults) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     sims: list[Simulator] = []
     for i, (exchange, files) in enumerate(plan):
         port = args.port + i if args.port else 0
@@ -66,10 +70,6 @@ async def _serve(plan: list[tuple[str, list[str]]], args: argparse.Namespace, fa
         sims.append(sim)
         print(json.dumps({"exchange": exchange, "ws_url": sim.ws_url, "rest_url": sim.rest_url,
                           "frames": len(sim.timeline)}), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     for sim in sims:
         await sim.stop()

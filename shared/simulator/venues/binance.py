@@ -26,7 +26,7 @@ STREAM_PREFIX = b'{"stream":"'
 
 class BinanceSim(SimVenue):
     name = "binance"
-    ws_paths = ("/stream", "/ws")
+    ws_paths = ("/stream", "/ws", "/ws/{stream}")
     server_ping_s = 20.0
 
     def __init__(self, records: Any) -> None:
@@ -60,8 +60,9 @@ class BinanceSim(SimVenue):
     # ------------------------------------------------------------------ WebSocket
 
     def on_open(self, conn: Connection) -> None:
-        conn.options["raw"] = conn.request.path == "/ws"
-        streams = conn.request.query.get("streams")
+        path = conn.request.path
+        conn.options["raw"] = path == "/ws" or path.startswith("/ws/")
+        streams = conn.request.query.get("streams") or conn.request.match_info.get("stream")
         if streams:
             conn.keys.update(streams.split("/"))
 
