@@ -176,8 +176,8 @@ class Feed:
             log.error("symbols not listed by the exchange", extra={"exchange": self.venue.name, "symbols": missing})
         self.core.set_instruments(instruments)
         self.natives = [i.native for i in instruments if i.symbol in set(self.symbols)]
-        if self.on_instruments is not None:
-            await self.on_instruments(instruments)
+        if self.on_instruments is not None:  # stored in the background: a slow store never holds the books
+            self._spawn(self.on_instruments(instruments))
         if not self.natives:
             self.state = "no symbols"
             return False
@@ -188,7 +188,7 @@ class Feed:
     # ------------------------------------------------------------------ session
 
     async def _session(self) -> None:
-        url = self.venue.connect_url(self.ws_url, self.natives)
+        url = await self.venue.open_url(self._get, self.ws_url, self.natives)
         rule = self.venue.ping
         ws_ping = rule.interval_s if rule.interval_s and rule.message is None else None
         self.state = "connecting"
@@ -249,8 +249,11 @@ class Feed:
         while True:
             await asyncio.sleep(self.check_interval_s)
             now = time.time_ns()
-            self.core.check_silence(now)
-            self._flush()
+            try:
+                self.core.check_silence(now)
+                self._flush()
+            except Exception:  # the watchdog must outlive any one bad turn
+                log.exception("silence check failed", extra={"exchange": self.venue.name})
             ws = self._ws
             if ws is not None and now - self.last_frame_ns > self.silence_timeout_s * 1e9:
                 log.warning("connection silent, reconnecting", extra={"exchange": self.venue.name})

@@ -249,6 +249,12 @@ class Venue(ABC):
     def connect_url(self, base: str, natives: Sequence[str]) -> str:
         return base
 
+    async def open_url(self, get: Get, base: str, natives: Sequence[str]) -> str:
+        """The URL of the next connection. Exchanges that hand out a token and an endpoint
+        over REST before each connection (KuCoin's bullet) override this, and may set
+        ``self.ping`` from the answer; the others connect to ``connect_url``."""
+        return self.connect_url(base, natives)
+
     @abstractmethod
     def subscribe(self, natives: Sequence[str]) -> list[str]:
         """Messages to send right after connecting."""

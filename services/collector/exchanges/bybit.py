@@ -7,9 +7,10 @@ Docs: bybit-exchange docs ``v5/websocket/public/orderbook.mdx``, ``v5/ws/connect
   ``{"req_id":"1","op":"subscribe","args":["orderbook.50.BTCUSDT"]}`` (at most 10 args per
   request on spot). Messages: ``topic, type (snapshot|delta), ts, cts, data{s, b, a, u, seq}``.
 - Book: a snapshot replaces the book; deltas set absolute sizes (0 deletes); ``u == 1``
-  means the service restarted and the message overwrites the book. A delta whose ``u`` is
-  not the previous ``u + 1`` means lost updates: resubscribe for a fresh snapshot. Depth 1
-  is snapshot-only and resends the same ``u`` after 3 s without change.
+  means the service restarted and the message overwrites the book. ``u`` is continuous in
+  normal operation (docs: "generally this id is continuous"), so a delta whose ``u`` is not
+  the previous ``u + 1`` means lost updates: resubscribe for a fresh snapshot. Depth 1 is
+  snapshot-only and resends the same ``u`` after 3 s without change.
 - Heartbeat: send ``{"op":"ping"}`` every 20 s.
 - Instruments: ``GET /v5/market/instruments-info?category=spot`` (``priceFilter.tickSize``,
   ``lotSizeFilter.basePrecision``/``minOrderQty``/``minOrderAmt``); fees are the

@@ -12,10 +12,11 @@ Docs: docs.upbit.com "WebSocket 사용 및 에러 안내", "호가 (orderbook)",
 - Book: replace the book with each message; drop a message older than the last one. There
   is no sequence and no checksum: the exchange timestamp is the book's ``seq``.
 - Heartbeat: idle connections close after about 120 s; we send protocol pings.
-- Market codes are ``QUOTE-BASE`` (``KRW-BTC`` is ``BTC/KRW``). Instruments: tick size from
-  ``/v1/orderbook/instruments`` when the exchange has it, KRW markets also get the
-  documented price-dependent tick table; fees are the configured fallback (the fee
-  endpoint ``/v1/orders/chance`` needs a key).
+- Market codes are ``QUOTE-BASE`` (``KRW-BTC`` is ``BTC/KRW``). Instruments: KRW and USDT
+  markets get the documented price-dependent tick tables, the BTC market its single
+  0.00000001 tick; ``/v1/orderbook/instruments`` (since 2025-07-31) gives the tick below
+  the tables. Fees and the KRW minimum are the configured fallback / unknown: the
+  endpoint that has them (``/v1/orders/chance``) needs a key.
 """
 
 from __future__ import annotations
@@ -56,8 +57,10 @@ MS = 1_000_000
 NonNeg = Annotated[float, Meta(ge=0, le=FINITE)]
 Positive = Annotated[float, Meta(gt=0, le=FINITE)]
 
-# KRW market tick sizes by price (policy of 2025-07-31): (price at or above, tick), highest
-# first. Below 100 KRW the tick differs per market: read /v1/orderbook/instruments.
+# KRW market tick sizes by price (docs "원화(KRW) 마켓 주문 가격 단위", policy of 2025-07-31):
+# (price at or above, tick), highest first. Below 100 KRW the tick differs per market (read
+# /v1/orderbook/instruments); USDT/KRW and USDC/KRW have a finer 0.5 KRW tick in the
+# 1,000-10,000 band, of which this table's 1 KRW is a valid (coarser) multiple.
 KRW_TICKS: list[tuple[Decimal, Decimal]] = [
     (Decimal(1_000_000), Decimal(1000)),
     (Decimal(500_000), Decimal(500)),
@@ -67,9 +70,21 @@ KRW_TICKS: list[tuple[Decimal, Decimal]] = [
     (Decimal(5_000), Decimal(5)),
     (Decimal(100), Decimal(1)),
 ]
-DEFAULT_TICK = Decimal("0.00000001")
-"""When neither the instruments endpoint nor the KRW table gives a tick (BTC/USDT markets)."""
-MIN_NOTIONAL = {"KRW": Decimal(5000), "BTC": Decimal("0.00005"), "USDT": Decimal("0.5")}
+# USDT market tick sizes by price (docs "USDT 마켓 주문 가격 단위", since 2024-08-19).
+USDT_TICKS: list[tuple[Decimal, Decimal]] = [
+    (Decimal(10), Decimal("0.01")),
+    (Decimal(1), Decimal("0.001")),
+    (Decimal("0.1"), Decimal("0.0001")),
+    (Decimal("0.01"), Decimal("0.00001")),
+    (Decimal("0.001"), Decimal("0.000001")),
+    (Decimal("0.0001"), Decimal("0.0000001")),
+]
+TICK_TABLES = {"KRW": KRW_TICKS, "USDT": USDT_TICKS}
+SATOSHI = Decimal("0.00000001")
+"""The BTC market's single tick, and the tick below every table."""
+# Minimum order totals documented per market ("최소 주문 가능 금액"). The KRW minimum is read
+# from /v1/orders/chance (`min_total`), which needs a key: unknown here, left at 0.
+MIN_NOTIONAL = {"BTC": Decimal("0.00005"), "USDT": Decimal("0.5")}
 
 
 class UnitSimple(Struct):
@@ -174,11 +189,13 @@ def parse_markets(body: bytes, ticks: dict[str, Decimal], fees: Fees) -> list[In
             continue
         out.append(Instrument(
             exchange="upbit", symbol=f"{base}/{quote}", native=market, base=base, quote=quote,
-            tick_size=ticks.get(market, KRW_TICKS[-1][1] if quote == "KRW" else DEFAULT_TICK),
-            lot_size=DEFAULT_TICK,
+            # Below the tables: the market's own tick when the exchange gave it, else a value
+            # every documented tick is a multiple of (orders stay valid, if coarse).
+            tick_size=ticks.get(market, KRW_TICKS[-1][1] if quote == "KRW" else SATOSHI),
+            lot_size=SATOSHI,
             min_notional=MIN_NOTIONAL.get(quote, Decimal(0)),
             taker_fee=fees.taker, maker_fee=fees.maker,
-            tick_table=KRW_TICKS if quote == "KRW" else [],
+            tick_table=TICK_TABLES.get(quote, []),
         ))
     return out
 
