@@ -10,6 +10,7 @@ imports the collector, so a bug there cannot hide behind the same bug here.
 
 from __future__ import annotations
 
+import heapq
 import json
 import zlib
 from collections.abc import Iterable, Sequence
@@ -52,8 +53,8 @@ class Book:
             self.set("ask", level[0], level[1])
 
     def top(self, depth: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-        bids = sorted(self.bids.items(), reverse=True)[:depth]
-        asks = sorted(self.asks.items())[:depth]
+        bids = heapq.nlargest(depth, self.bids.items())
+        asks = heapq.nsmallest(depth, self.asks.items())
         return [(float(p), float(q)) for p, q in bids], [(float(p), float(q)) for p, q in asks]
 
     def okx_checksum(self) -> int:
@@ -239,8 +240,11 @@ def assert_published_match(published: Sequence[Any], reference: Reference, *, on
             for g, e in zip(got, expected, strict=True):
                 assert g == e, f"{symbol} seq {g[0]}: published {g[1][:3]} {g[2][:3]}, reference {e[1][:3]} {e[2][:3]}"
         else:
+            by_seq: dict[int, list[Entry]] = {}
+            for e in entries:
+                by_seq.setdefault(e[0], []).append(e)
             for s in snaps:
-                candidates = [e for e in entries if e[0] == s.seq]
+                candidates = by_seq.get(s.seq, [])
                 assert candidates, f"{symbol}: seq {s.seq} is not in the reference"
                 assert (s.seq, s.bids, s.asks) in candidates, f"{symbol} seq {s.seq}: book differs from the reference"
         compared += len(snaps)

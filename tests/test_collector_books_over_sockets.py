@@ -53,7 +53,8 @@ async def test_okx_checksum_matches_on_every_update_of_both_captures() -> None:
 async def test_binance_btcusdt_syncs_from_its_rest_snapshot_and_stays_synced_to_the_end() -> None:
     capture = CAPTURES["binance"][0]
     recs = records(capture)
-    run = await run_against_simulator("binance", capture, natives=["BTCUSDT"])
+    run = await run_against_simulator("binance", capture, natives=["BTCUSDT"],
+                                      options=VenueOptions(trades=False, bbo=False))
     depth_requests = [p for p in run.sim.rest_requests if p.startswith("/api/v3/depth")]
     assert depth_requests == ["/api/v3/depth?symbol=BTCUSDT&limit=1000"]  # one snapshot: the recorded one
     statuses = [(m.status, m.reason) for m in kinds(run.outputs, "BookStatus")]

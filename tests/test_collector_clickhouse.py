@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from services.collector.clickhouse_sink import ClickHouseSink
 from services.collector.publisher import Publisher
+from services.collector.venue import VenueOptions
 from shared import clickhouse
 from shared.models import BookSnapshot, Message, Trade
 from shared.runtime import Bus, Producer
@@ -88,12 +89,14 @@ async def test_ticks_from_a_replay_are_queryable_and_their_counts_equal_what_was
             published["trade"] += sum(1 for m in msgs if type(m) is Trade)
 
         run = await run_against_simulator("binance", [*CAPTURES["binance"][0], METADATA["binance"]],
-                                          symbols=["BTC/USDT"], strict=True, emit=emit)
+                                          symbols=["BTC/USDT"], strict=True, emit=emit,
+                                          options=VenueOptions(bbo=False))
         await producer.flush()
         writer.cancel()
         await sink.close()
-        assert run.core.stats["frames"] > 40_000
-        assert published["book"] == 3449 and published["trade"] == 9757
+        assert run.core.stats["frames"] > 13_000
+        # Diffs buffered until the REST snapshot arrives become one book: how many depends on timing.
+        assert 3400 < published["book"] <= 3449 and published["trade"] == 9757
         assert _count(url, "orderbook_snapshots") == published["book"]
         assert _count(url, "tick_trades") == published["trade"]
         client = clickhouse.connect(url)

@@ -13,6 +13,8 @@ from tests.collector_helpers import CAPTURES, kinds, paths, records, run_against
 from tests.collector_reference import assert_published_match, reference_books
 
 BINANCE = CAPTURES["binance"][0]
+DEPTH_ONLY = VenueOptions(trades=False, bbo=False)
+"""The Binance fault tests need the book stream only (the simulator then skips 38k frames)."""
 
 
 def _depth_indices(exchange: str, capture: list[str], needle: bytes) -> list[int]:
@@ -53,7 +55,8 @@ def test_a_dropped_diff_is_published_stale_by_the_very_next_diff() -> None:
 
 async def test_a_dropped_diff_is_detected_then_resynced_from_rest_and_correct_again() -> None:
     depth = _depth_indices("binance", BINANCE, b"depthUpdate")
-    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(drop={depth[1000]}))
+    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(drop={depth[1000]}),
+                                      options=DEPTH_ONLY)
     assert _statuses(run.outputs)[1:4] == [
         ("synced", "recovered from connecting"), ("stale", "gap"), ("synced", "recovered from gap")]
     assert sum(1 for p in run.sim.rest_requests if p.startswith("/api/v3/depth")) == 2
@@ -66,7 +69,7 @@ async def test_a_dropped_diff_is_detected_then_resynced_from_rest_and_correct_ag
 async def test_a_closed_connection_reconnects_and_resyncs() -> None:
     depth = _depth_indices("binance", BINANCE, b"depthUpdate")
     run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"],
-                                      faults=Faults(close_at={depth[800], depth[2500]}))
+                                      faults=Faults(close_at={depth[800], depth[2500]}), options=DEPTH_ONLY)
     assert run.sim.connects == 3
     statuses = _statuses(run.outputs)
     assert statuses.count(("stale", "disconnected")) == 3  # two faults and the end of the test
@@ -105,7 +108,7 @@ async def test_a_bybit_gap_in_u_triggers_a_resubscription_and_a_fresh_snapshot()
 async def test_a_stalled_exchange_turns_books_stale_and_they_recover_when_it_resumes() -> None:
     depth = _depth_indices("binance", BINANCE, b"depthUpdate")
     run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(stall={depth[300]: 0.6}),
-                                      stale_after_ns=200_000_000)
+                                      stale_after_ns=200_000_000, options=DEPTH_ONLY)
     statuses = _statuses(run.outputs)
     assert ("stale", "silent") in statuses
     assert ("synced", "recovered from silent") in statuses
@@ -114,7 +117,7 @@ async def test_a_stalled_exchange_turns_books_stale_and_they_recover_when_it_res
 async def test_a_silent_connection_is_dropped_and_replaced() -> None:
     depth = _depth_indices("binance", BINANCE, b"depthUpdate")
     run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(stall={depth[300]: 1.2}),
-                                      silence_timeout_s=0.4)
+                                      silence_timeout_s=0.4, options=DEPTH_ONLY)
     assert run.sim.connects >= 2
     assert ("synced", "recovered from disconnected") in _statuses(run.outputs)
 
