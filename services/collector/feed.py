@@ -35,6 +35,7 @@ from shared.models import Instrument, Message
 log = logging.getLogger(__name__)
 
 Emit = Callable[[list[Message]], None]
+MIN_SNAPSHOT_INTERVAL_S = 0.1
 
 
 class FrameTap(Protocol):
@@ -93,6 +94,7 @@ class Feed:
         self._ws: Any = None
         self._generation = 0
         self._fetching: set[str] = set()
+        self._last_fetch: dict[str, float] = {}
         self._resubscribing: set[str] = set()
         self._last_resubscribe: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -284,6 +286,11 @@ class Feed:
                 self._spawn(self._resubscribe(native, self._generation))
 
     async def _fetch(self, native: str, generation: int) -> None:
+        # A snapshot older than the stream is asked again (Binance's rule), but not in a tight loop.
+        wait = self._last_fetch.get(native, -1e9) + MIN_SNAPSHOT_INTERVAL_S - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_fetch[native] = time.monotonic()
         request = self.venue.snapshot_request(native)
         query = f"?{urlencode(request.params)}" if request.params else ""
         url = self.rest.url(request) + query
