@@ -133,6 +133,10 @@ class ExchangeSettings(_Section, frozen=True):
     ws_url: str = ""
     """Override the exchange's public WebSocket URL (e.g. the local simulator)."""
     rest_url: str = ""
+    book_depth: NonNegInt = 0
+    """Depth of the book channel where the exchange offers several (Bybit 1/50/200/1000); 0 = the module's."""
+    book_channel: str = ""
+    """Another book channel of the same protocol (OKX ``books-l2-tbt``, VIP only); empty = the module's."""
 
 
 def _ex(enabled: bool, symbols: tuple[str, ...], taker: float, maker: float | None = None) -> ExchangeSettings:
@@ -176,6 +180,28 @@ class TradingSettings(_Section, frozen=True):
 class CollectorSettings(_Section, frozen=True):
     depth: Annotated[int, Meta(ge=1, le=1000)] = 20
     stale_after_ms: PosInt = 5_000
+    """A book with no change for this long is published stale until its next update."""
+    latest_book_ttl_ms: NonNegInt = 0
+    """TTL of the latest-book keys; 0 = the key layout's ``book`` domain TTL."""
+    snapshot_depth: Annotated[int, Meta(ge=5, le=5000)] = 1000
+    """Levels asked of REST book snapshots (Binance weight: 50 up to 1000, 250 up to 5000)."""
+    trades: bool = True
+    bbo: bool = True
+    """Also publish the faster best bid/offer channel where one exists (Binance bookTicker)."""
+    upbit_format: Literal["DEFAULT", "SIMPLE"] = "SIMPLE"
+    reconnect_initial_ms: PosInt = 50
+    reconnect_max_ms: PosInt = 30_000
+    silence_timeout_ms: PosInt = 30_000
+    """A connection with no frame for this long is dropped and reconnected."""
+    fx_source: UnifiedSymbol = "USDT/KRW"
+    """The Upbit book whose mid is the USDT/KRW rate."""
+    fx_reference_url: str = ""
+    """Optional HTTP source of USD/KRW (JSON); empty = none."""
+    fx_reference_field: str = ""
+    """Dotted path to KRW per 1 USD in the reference's JSON, e.g. ``rates.KRW``."""
+    fx_reference_interval_ms: PosInt = 60_000
+    fx_max_divergence: Annotated[float, Meta(gt=0, lt=1)] = 0.03
+    """Alert when |USDT/KRW / USD/KRW - 1| exceeds this."""
 
 
 class StatPairSettings(_Section, frozen=True):
@@ -694,6 +720,7 @@ def load_config(
             _set_path(raw, dest, _env_value(value))
     if overrides:
         _deep_merge(raw, dict(overrides))
+
     try:
         cfg = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as err:

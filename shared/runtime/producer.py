@@ -37,6 +37,7 @@ class Producer:
         self.bus = bus
         self.max_buffer = max_buffer
         self._buffer: list[tuple[str, bytes]] = []
+        self._keys: dict[str, tuple[bytes, int]] = {}
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         self.last_error: BaseException | None = None
@@ -50,6 +51,16 @@ class Producer:
         self._buffer.append((stream, payload))
         # The task's first step runs after everything else ready in this loop turn, so
         # all messages published during the turn leave in one pipeline.
+        if self._background is None or self._background.done():
+            self._background = asyncio.get_running_loop().create_task(self._background_flush())
+
+    def set_key(self, key: str, value: bytes, px_ms: int) -> None:
+        """``SET key value PX px_ms`` in the same pipeline as this loop turn's XADDs.
+
+        Only the newest value per key is kept until it is sent (a latest-value key needs no
+        history), so a burst of updates costs one SET per key per round trip.
+        """
+        self._keys[key] = (value, px_ms)
         if self._background is None or self._background.done():
             self._background = asyncio.get_running_loop().create_task(self._background_flush())
 
@@ -81,12 +92,15 @@ class Producer:
         consumer passes its XACKs, so outputs are stored before their inputs are acked.
         """
         async with self._lock:
-            while self._buffer or then is not None:
+            while self._buffer or self._keys or then is not None:
                 batch, self._buffer = self._buffer, []
+                keys, self._keys = self._keys, {}
                 try:
-                    await self._send(batch, then)
+                    await self._send(batch, then, keys)
                 except BaseException:
                     self._buffer[:0] = batch  # put back, in order, ahead of newer messages
+                    for key, value in keys.items():  # unless a newer value arrived meanwhile
+                        self._keys.setdefault(key, value)
                     raise
                 then = None
             self.last_error = None
@@ -99,9 +113,14 @@ class Producer:
             )
         return state
 
-    async def _send(self, batch: list[tuple[str, bytes]], then: Callable[[Pipeline], None] | None) -> None:
+    async def _send(
+        self,
+        batch: list[tuple[str, bytes]],
+        then: Callable[[Pipeline], None] | None,
+        keys: dict[str, tuple[bytes, int]] | None = None,
+    ) -> None:
         redis = self.bus.redis
-        if len(batch) == 1 and then is None:  # a lone message skips the pipeline machinery
+        if len(batch) == 1 and then is None and not keys:  # a lone message skips the pipeline machinery
             stream, payload = batch[0]
             state = self._state(stream)
             if state.unsent_trim + 1 < TRIM_EVERY or state.maxlen is None:
@@ -117,6 +136,8 @@ class Producer:
             state = self._streams[stream]
             if state.maxlen is not None and state.unsent_trim + n >= TRIM_EVERY:
                 pipe.xtrim(state.key, maxlen=state.maxlen, approximate=True)
+        for key, (value, px_ms) in (keys or {}).items():
+            pipe.set(key, value, px=px_ms)
         if then is not None:
             then(pipe)
         await pipe.execute()

@@ -1,0 +1,283 @@
+"""What an exchange module provides, and what it hands to the generic machinery.
+
+An exchange module (``services/collector/exchanges/<name>.py``) subclasses ``Venue`` and
+``BookSync`` and reads like that exchange's docs: URLs, subscribe messages, ping rule,
+typed decoding, its book-sync rules and instrument metadata. Everything else -- the
+connection, reconnects with backoff, REST rate limiting, resync execution, stale marking,
+publishing, replay -- lives once in ``core.py``, ``feed.py`` and ``publisher.py`` and is
+driven through this interface. Adding an exchange is one module plus its simulator module.
+
+Decoding returns small event tuples instead of bus messages: the core resolves native
+symbols to unified ones and stamps times, so an exchange module never needs either.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple
+
+import msgspec
+from msgspec import Meta
+
+from services.collector.book import OrderBook
+from shared.models import Instrument, Side
+
+# --------------------------------------------------------------------------- wire types
+
+FINITE = 1e18
+"""Larger than any price or size an exchange sends; keeps ``inf`` (which ``float()`` parses) out."""
+Price = Annotated[float, Meta(gt=0, le=FINITE)]
+Size = Annotated[float, Meta(ge=0, le=FINITE)]
+"""A level's size: 0 removes the level."""
+Level = tuple[Price, Size]
+
+_json = msgspec.json.Decoder(msgspec.Raw)
+
+
+def ensure_json(frame: bytes) -> None:
+    """Validate a frame we are about to ignore (a channel we do not use): a broken frame is
+    still a broken frame, and must be counted as one."""
+    _json.decode(frame)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class Malformed(Exception):
+    """A frame (or REST body) that breaks the exchange's format: counted and skipped.
+
+    Raised before anything is applied to a book, so the book is untouched.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- events
+
+
+class BookMsg(NamedTuple):
+    """A book message for one native symbol; ``payload`` is the exchange's own typed struct."""
+
+    native: str
+    payload: Any
+
+
+class SnapshotMsg(NamedTuple):
+    """A REST book snapshot. ``native`` is None when the body does not name its symbol
+    (Binance's depth body): the core gives it to the one book waiting for a snapshot."""
+
+    native: str | None
+    payload: Any
+
+
+class TradeMsg(NamedTuple):
+    native: str
+    trade_id: str
+    price: float
+    size: float
+    side: Side
+    """The taker's side."""
+    ts_exchange_ns: int
+
+
+class BboMsg(NamedTuple):
+    native: str
+    seq: int
+    bid: float
+    bid_size: float
+    ask: float
+    ask_size: float
+    ts_exchange_ns: int
+
+
+class InstrumentsMsg(NamedTuple):
+    """Instrument metadata found in a recorded REST response (replay learns symbols from it)."""
+
+    instruments: list[Instrument]
+
+
+Event = BookMsg | SnapshotMsg | TradeMsg | BboMsg | InstrumentsMsg
+
+# --------------------------------------------------------------------------- book sync
+
+
+class Outcome:
+    """What a ``BookSync`` did with a message. The shared instances are compared by identity."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"Outcome({self.reason})"
+
+
+APPLIED = Outcome("applied")
+"""The book changed: publish it."""
+IGNORED = Outcome("ignored")
+"""Nothing to do: an old or duplicate message, or an update before the first snapshot."""
+ALIVE = Outcome("alive")
+"""An exchange keep-alive proving the book is current but unchanged."""
+BUFFERED = Outcome("buffered")
+"""Kept until a REST snapshot arrives."""
+NEED_SNAPSHOT = Outcome("need_snapshot")
+"""Kept, and a REST snapshot is needed (first buffered diff, or the snapshot was too old)."""
+
+
+def desync(reason: str) -> Outcome:
+    """The book can no longer be trusted (gap, checksum, ...). The sync has reset itself."""
+    return Outcome(reason)
+
+
+class BookSync(ABC):
+    """One symbol's book and the exchange's rules for keeping it in sync.
+
+    ``on_message``/``on_snapshot`` apply the rules and return an ``Outcome``. On a desync
+    the sync resets itself (keeping what the rules say to keep, e.g. a diff to buffer);
+    ``reset`` is called by the core when the cause is outside the sync (disconnect,
+    crossed book). ``seq`` and ``ts_exchange_ns`` describe the last applied change.
+    """
+
+    __slots__ = ("book", "seq", "synced", "ts_exchange_ns")
+
+    def __init__(self, book: OrderBook) -> None:
+        self.book = book
+        self.seq = 0
+        self.synced = False
+        self.ts_exchange_ns = 0
+
+    @abstractmethod
+    def on_message(self, payload: Any) -> Outcome: ...
+
+    def on_snapshot(self, payload: Any) -> Outcome:
+        raise Malformed("unexpected_snapshot", "this exchange has no REST snapshots")
+
+    def reset(self) -> None:
+        self.book.clear()
+        self.synced = False
+
+    @property
+    def awaiting_snapshot(self) -> bool:
+        """True while a REST snapshot is wanted (only REST-snapshot exchanges)."""
+        return False
+
+
+# --------------------------------------------------------------------------- connection rules
+
+
+@dataclass(frozen=True, slots=True)
+class RestRequest:
+    path: str
+    params: dict[str, str] = field(default_factory=dict)
+    weight: int = 1
+    """The exchange's request weight, charged to the REST rate limiter."""
+
+
+@dataclass(frozen=True, slots=True)
+class PingRule:
+    """How to keep a connection alive: the exchange pings us, or we ping it."""
+
+    interval_s: float | None = None
+    """Send ``message`` (or a protocol ping frame when ``message`` is None) this often."""
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestLimit:
+    """A REST weight budget: ``weight`` per ``per_s`` seconds (we use part of the exchange's)."""
+
+    weight: int
+    per_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Fees:
+    """Fallback fees from configuration, for exchanges whose public REST does not give them."""
+
+    taker: Decimal
+    maker: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class VenueOptions:
+    snapshot_depth: int = 1000
+    """Levels asked of a REST snapshot (Binance: weight grows with it)."""
+    trades: bool = True
+    bbo: bool = True
+    """Also subscribe to a faster best-bid/offer channel where the exchange has one."""
+    upbit_format: Literal["DEFAULT", "SIMPLE"] = "SIMPLE"
+    channel_depth: int = 0
+    """Depth of the book channel where the exchange offers several (Bybit 1/50/200/1000); 0 = default."""
+    book_channel: str = ""
+    """Another book channel of the same protocol (OKX ``books-l2-tbt``, VIP only); "" = default."""
+
+
+Resync = Literal["snapshot", "resubscribe", "none"]
+Get = Callable[[RestRequest], Awaitable[bytes]]
+
+
+class Venue(ABC):
+    """One exchange's public market-data protocol."""
+
+    name: ClassVar[str]
+    ws_url: ClassVar[str]
+    rest_url: ClassVar[str]
+    ping: ClassVar[PingRule] = PingRule()
+    rest_limit: ClassVar[RestLimit] = RestLimit(weight=10, per_s=1.0)
+    resync: ClassVar[Resync]
+    """How a lost book is recovered: a REST snapshot, a resubscription, or the next full snapshot."""
+    keep_strings: ClassVar[bool] = False
+    """Books keep the original price/size strings (checksums over them)."""
+
+    def __init__(self, options: VenueOptions | None = None) -> None:
+        self.options = options or VenueOptions()
+
+    # metadata --------------------------------------------------------------
+
+    @abstractmethod
+    async def load_instruments(self, get: Get, symbols: Sequence[str], fees: Fees) -> list[Instrument]:
+        """Instruments of the unified ``symbols`` (all markets when empty), from public REST."""
+
+    # connection ------------------------------------------------------------
+
+    def connect_url(self, base: str, natives: Sequence[str]) -> str:
+        return base
+
+    async def open_url(self, get: Get, base: str, natives: Sequence[str]) -> str:
+        """The URL of the next connection. Exchanges that hand out a token and an endpoint
+        over REST before each connection (KuCoin's bullet) override this, and may set
+        ``self.ping`` from the answer; the others connect to ``connect_url``."""
+        return self.connect_url(base, natives)
+
+    @abstractmethod
+    def subscribe(self, natives: Sequence[str]) -> list[str]:
+        """Messages to send right after connecting."""
+
+    def resubscribe(self, native: str) -> list[str]:
+        """Messages that make the exchange send a fresh snapshot of one book."""
+        return []
+
+    # decoding --------------------------------------------------------------
+
+    @abstractmethod
+    def decode(self, frame: bytes) -> Sequence[Event]:
+        """Events in one frame; raises ``Malformed`` (or a msgspec error) on bad input."""
+
+    def decode_rest(self, url: str, body: bytes) -> Sequence[Event]:
+        """Events in a recorded REST response (snapshots, metadata); unknown ones give none."""
+        return ()
+
+    @abstractmethod
+    def new_book(self, native: str) -> BookSync: ...
+
+    def snapshot_request(self, native: str) -> RestRequest:
+        raise NotImplementedError(f"{self.name} has no REST snapshots")
+
+    def new_order_book(self) -> OrderBook:
+        return OrderBook(keep_strings=self.keep_strings)

@@ -1,0 +1,133 @@
+"""Acceptance: injected faults are detected, the book is published stale, resynced and right again."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from services.collector.core import FeedCore, FetchSnapshot, Resubscribe
+from services.collector.exchanges import make_venue
+from services.collector.venue import VenueOptions
+from shared.simulator import Faults, simulator
+from tests.collector_helpers import CAPTURES, kinds, paths, records, run_against_simulator
+from tests.collector_reference import assert_published_match, reference_books
+
+BINANCE = CAPTURES["binance"][0]
+DEPTH_ONLY = VenueOptions(trades=False, bbo=False)
+"""The Binance fault tests need the book stream only (the simulator then skips 38k frames)."""
+
+
+def _depth_indices(exchange: str, capture: list[str], needle: bytes) -> list[int]:
+    return simulator(exchange, paths(capture)).indices(lambda r: needle in r.data[:200])
+
+
+def _statuses(outputs: list[Any]) -> list[tuple[str, str]]:
+    return [(m.status, m.reason) for m in kinds(outputs, "BookStatus")]
+
+
+def _final_book_equals_reference(outputs: list[Any], reference: Any, symbol: str) -> None:
+    last = [m for m in kinds(outputs, "BookSnapshot") if m.symbol == symbol][-1]
+    assert (last.seq, last.bids, last.asks) == reference.books[symbol][-1]
+
+
+def test_a_dropped_diff_is_published_stale_by_the_very_next_diff() -> None:
+    """The pure core, frame by frame: the diff after the missing one turns the book stale."""
+    recs = [r for r in records(BINANCE) if r.kind == "ws"]
+    depth = [i for i, r in enumerate(recs) if b"depthUpdate" in r.data[:80]]
+    dropped, following = depth[500], depth[501]
+    core = FeedCore(make_venue("binance"), strict=False)
+    for i, r in enumerate(recs):
+        if i == dropped:
+            continue
+        core.on_frame(r.data, r.recv_ns)
+        out = core.take()
+        actions = core.take_actions()
+        stale = [m for m in kinds(out, "BookStatus") if m.status == "stale"]
+        if i < following:
+            assert not stale
+        elif i == following:
+            assert [(m.reason, m.seq) for m in stale] == [("gap", json.loads(recs[depth[499]].data)["data"]["u"])]
+            assert not kinds(out, "BookSnapshot")  # nothing from the broken book is published
+            assert actions == [FetchSnapshot("BTCUSDT")]
+            return
+    raise AssertionError("the gap was never detected")
+
+
+async def test_a_dropped_diff_is_detected_then_resynced_from_rest_and_correct_again() -> None:
+    depth = _depth_indices("binance", BINANCE, b"depthUpdate")
+    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(drop={depth[1000]}),
+                                      options=DEPTH_ONLY)
+    assert _statuses(run.outputs)[1:4] == [
+        ("synced", "recovered from connecting"), ("stale", "gap"), ("synced", "recovered from gap")]
+    assert sum(1 for p in run.sim.rest_requests if p.startswith("/api/v3/depth")) == 2
+    reference = reference_books("binance", records(BINANCE))
+    compared = assert_published_match(run.outputs, reference, one_to_one=False)
+    assert compared > 3000
+    _final_book_equals_reference(run.outputs, reference, "BTCUSDT")
+
+
+async def test_a_closed_connection_reconnects_and_resyncs() -> None:
+    depth = _depth_indices("binance", BINANCE, b"depthUpdate")
+    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"],
+                                      faults=Faults(close_at={depth[800], depth[2500]}), options=DEPTH_ONLY)
+    assert run.sim.connects == 3
+    statuses = _statuses(run.outputs)
+    assert statuses.count(("stale", "disconnected")) == 3  # two faults and the end of the test
+    assert statuses.count(("synced", "recovered from disconnected")) == 2
+    reference = reference_books("binance", records(BINANCE))
+    assert_published_match(run.outputs, reference, one_to_one=False)
+    _final_book_equals_reference(run.outputs, reference, "BTCUSDT")
+
+
+async def test_a_corrupted_okx_checksum_triggers_a_resubscription_and_a_fresh_snapshot() -> None:
+    capture = CAPTURES["okx"][0]
+    updates = _depth_indices("okx", capture, b'"instId":"BTC-USDT"},"action":"update"')
+    run = await run_against_simulator("okx", capture, natives=["BTC-USDT"],
+                                      faults=Faults(corrupt_checksum={updates[50]}))
+    assert run.core.stats["resync:checksum"] == 1
+    statuses = _statuses(run.outputs)
+    assert statuses[1:4] == [("synced", "recovered from connecting"), ("stale", "checksum"),
+                             ("synced", "recovered from checksum")]
+    reference = reference_books("okx", records(capture))
+    # Every book after the resync passed the exchange's checksum again, and ends where the exchange's does.
+    _final_book_equals_reference(run.outputs, reference, "BTC-USDT")
+
+
+async def test_a_bybit_gap_in_u_triggers_a_resubscription_and_a_fresh_snapshot() -> None:
+    capture = CAPTURES["bybit"][0]
+    deltas = _depth_indices("bybit", capture, b'"type":"delta"')
+    run = await run_against_simulator("bybit", capture, natives=["XRPUSDT"], options=VenueOptions(channel_depth=500),
+                                      faults=Faults(drop={deltas[20]}))
+    assert run.core.stats["resync:gap"] == 1
+    assert ("synced", "recovered from gap") in _statuses(run.outputs)
+    reference = reference_books("bybit", records(capture))
+    assert_published_match(run.outputs, reference, one_to_one=False)
+    _final_book_equals_reference(run.outputs, reference, "XRPUSDT")
+
+
+async def test_a_stalled_exchange_turns_books_stale_and_they_recover_when_it_resumes() -> None:
+    depth = _depth_indices("binance", BINANCE, b"depthUpdate")
+    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(stall={depth[300]: 0.6}),
+                                      stale_after_ns=200_000_000, options=DEPTH_ONLY)
+    statuses = _statuses(run.outputs)
+    assert ("stale", "silent") in statuses
+    assert ("synced", "recovered from silent") in statuses
+
+
+async def test_a_silent_connection_is_dropped_and_replaced() -> None:
+    depth = _depth_indices("binance", BINANCE, b"depthUpdate")
+    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(stall={depth[300]: 1.2}),
+                                      silence_timeout_s=0.4, options=DEPTH_ONLY)
+    assert run.sim.connects >= 2
+    assert ("synced", "recovered from disconnected") in _statuses(run.outputs)
+
+
+def test_resync_actions_follow_the_exchange_rule() -> None:
+    assert make_venue("binance").resync == "snapshot"
+    assert make_venue("okx").resync == "resubscribe"
+    assert make_venue("bybit").resync == "resubscribe"
+    assert make_venue("upbit").resync == "none"
+    core = FeedCore(make_venue("okx"), strict=False)
+    core.on_frame(b'{"arg":{"channel":"books","instId":"BTC-USDT"},"action":"snapshot","data":[{"asks":[["2","1","0",'
+                  b'"1"]],"bids":[["1","1","0","1"]],"ts":"1","checksum":1}]}', 1)
+    assert core.take_actions() == [Resubscribe("BTC-USDT")]
