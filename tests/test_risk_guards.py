@@ -276,3 +276,24 @@ async def test_a_signal_whose_asset_is_not_traded_by_its_legs_is_invalid(start_r
         wrong = msgspec.structs.replace(s, asset=asset, signal_id=f"asset-{asset!r}")
         detail = await assert_rejected(risk, wrong, reasons.INVALID)
         assert "not traded by the legs" in detail
+
+
+async def test_an_amount_too_large_for_the_counters_is_invalid(start_risk: StartRisk) -> None:
+    risk = await start_risk(max_venue_deviation=0.5)
+    tiny_price = spatial(buy=("binance", "0.0000000001"), sell=("okx", "0.0000000001"), qty="10000000000000",
+                         notional=1.0)
+    detail = await assert_rejected(risk, tiny_price, reasons.INVALID)
+    assert "exceeds 1e9 units" in detail
+
+
+async def test_a_state_redis_cannot_read_rejects_with_error_and_the_service_carries_on(start_risk: StartRisk) -> None:
+    risk = await start_risk()
+    key = risk.service.state.keys.state
+    saved = await risk.bus.redis.hgetall(key)
+    await risk.bus.redis.delete(key)
+    await risk.bus.redis.set(key, "not a hash")  # e.g. an operator mistake
+    detail = await assert_rejected(risk, spatial(), reasons.ERROR)
+    assert "WRONGTYPE" in detail
+    await risk.bus.redis.delete(key)
+    await risk.bus.redis.hset(key, mapping=saved)
+    assert (await risk.decide(spatial())).approved

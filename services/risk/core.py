@@ -63,6 +63,8 @@ from shared.models import (
 from shared.money import meets_minimums, tick_for
 
 SOURCE = "risk"
+MAX_AMOUNT_UNITS = 10**17
+"""1e9 of any asset: larger is a bug upstream, and Redis's 64-bit counters must never overflow."""
 _ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
 MAX_SIGNAL_ID = 128
 _STRATEGIES = frozenset(get_args(Strategy))
@@ -344,6 +346,8 @@ class RiskBook:
             needs[key] = needs.get(key, 0) + units_up(amount)
         balances = tuple(BalanceClaim(ex, asset, units) for (ex, asset), units in needs.items())
         counters = [(c.field, c.units) for c in claims] + [(f"rb:{b.key}", b.units) for b in balances]
+        if any(units > MAX_AMOUNT_UNITS for _, units in counters):
+            raise _Reject(reasons.INVALID, "an amount exceeds 1e9 units of its asset")
         request = DecideRequest(
             signal_id=signal.signal_id, arb_id=arb, ts_ns=now_ns, now_ms=now_ms,
             intent_expires_ns=intent_expires_ns, expires_ms=expires_ms, notional=notional,
@@ -579,7 +583,7 @@ class RiskBook:
         return -units_up(-balance.free) if balance.free >= 0 else 0
 
 
-_WARNING_REASONS = frozenset({reasons.INVALID, reasons.ANOMALY, reasons.HALTED, reasons.CIRCUIT_BREAKER,
+_WARNING_REASONS = frozenset({reasons.INVALID, reasons.ERROR, reasons.ANOMALY, reasons.HALTED, reasons.CIRCUIT_BREAKER,
                               reasons.DAILY_LOSS, reasons.DRAWDOWN, reasons.BALANCE})
 
 

@@ -11,6 +11,8 @@ APPROVED = "approved"
 
 # stateless: the signal and the market data it is checked against
 INVALID = "invalid"
+ERROR = "error"
+"""Checking failed (a bug, or a state Redis cannot read): rejected, never approved, never fatal."""
 STALE_SIGNAL = "stale_signal"
 STALE_BOOK = "stale_book"
 STALE_FX = "stale_fx"
@@ -31,7 +33,7 @@ EXPOSURE_COIN = "exposure_coin"
 EXPOSURE_EXCHANGE = "exposure_exchange"
 BALANCE = "balance"
 
-STATELESS = frozenset({INVALID, STALE_SIGNAL, STALE_BOOK, STALE_FX, MAX_NOTIONAL, ANOMALY})
+STATELESS = frozenset({INVALID, ERROR, STALE_SIGNAL, STALE_BOOK, STALE_FX, MAX_NOTIONAL, ANOMALY})
 STATEFUL = frozenset({
     HALTED, CIRCUIT_BREAKER, DAILY_LOSS, DRAWDOWN, COOLDOWN_SYMBOL, COOLDOWN_VENUE, ORDER_RATE,
     MAX_OPEN, EXPOSURE_TOTAL, EXPOSURE_COIN, EXPOSURE_EXCHANGE, BALANCE,

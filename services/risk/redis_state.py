@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from services.risk import lua
 from services.risk.reasons import APPROVED
@@ -30,7 +30,7 @@ from services.risk.state import (
 from services.risk.summary import Overview
 from shared.config import EXCHANGES
 from shared.models import RiskReservation
-from shared.runtime import Bus
+from shared.runtime import Bus, is_redis_down
 from shared.streams import ANY, Domain, KeySpace
 
 
@@ -107,10 +107,17 @@ class RedisRiskState:
             await self.bus.redis.script_load(script.script)
 
     async def decide(self, req: DecideRequest) -> DecideOutcome:
-        return (await self.decide_many([req]))[0]
+        outcome = (await self.decide_many([req]))[0]
+        if isinstance(outcome, ResponseError):
+            raise outcome
+        return outcome
 
-    async def decide_many(self, requests: Sequence[DecideRequest]) -> list[DecideOutcome]:
-        """Decide several signals in one round trip: each decision is still one atomic script, run in order."""
+    async def decide_many(self, requests: Sequence[DecideRequest]) -> list[DecideOutcome | ResponseError]:
+        """Decide several signals in one round trip: each decision is still one atomic script, run in order.
+
+        A script error is returned in place of that signal's outcome (the others stand); a lost
+        state raises ``StateNotReady``, a lost connection raises.
+        """
         if not requests:
             return []
         replies: list[Any] = []
@@ -127,7 +134,9 @@ class RedisRiskState:
         return [self._decide_outcome(req, reply) for req, reply in zip(requests, replies, strict=True)]
 
     @staticmethod
-    def _decide_outcome(req: DecideRequest, reply: Any) -> DecideOutcome:
+    def _decide_outcome(req: DecideRequest, reply: Any) -> DecideOutcome | ResponseError:
+        if isinstance(reply, ResponseError) and not is_redis_down(reply):
+            return reply
         if isinstance(reply, Exception):
             raise reply
         status = _s(reply[0])

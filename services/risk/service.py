@@ -31,6 +31,7 @@ from typing import Any
 
 import msgspec
 import psycopg
+from redis.exceptions import ResponseError
 
 from services.risk import metrics as m
 from services.risk import reasons
@@ -187,7 +188,7 @@ class RiskService(Service):
         except Exception as exc:  # a bug must reject, never approve and never stop the service
             m.INTERNAL_ERRORS.inc()
             log.exception("checking a signal failed", extra={"signal_id": msg.signal_id})
-            assessed = Rejection(reasons.INVALID, f"could not be checked: {type(exc).__name__}: {exc}")
+            assessed = Rejection(reasons.ERROR, f"could not be checked: {type(exc).__name__}: {exc}")
         if isinstance(assessed, Rejection):
             self._pending.append(_Pending(msg, None, self.book.rejected(msg, assessed, now_ns), now_ns, started))
         else:
@@ -206,13 +207,21 @@ class RiskService(Service):
         for p in pending:  # no await from here on: a retry never publishes twice
             if p.verdict is None:
                 assert p.signal is not None and p.assessed is not None
-                p.verdict = self.book.decided(p.signal, p.assessed, next(outcomes), p.now_ns)
+                outcome = next(outcomes)
+                if isinstance(outcome, ResponseError):  # this signal's script failed: reject it, go on
+                    m.INTERNAL_ERRORS.inc()
+                    log.error("check-and-reserve failed", extra={"signal_id": p.signal.signal_id,
+                                                                 "error": str(outcome)})
+                    p.verdict = self.book.rejected(
+                        p.signal, Rejection(reasons.ERROR, f"risk state error: {outcome}"), p.now_ns)
+                else:
+                    p.verdict = self.book.decided(p.signal, p.assessed, outcome, p.now_ns)
             self._publish(p.verdict)
             m.DECISIONS.labels(p.verdict.decision.reason).inc()
             m.DECISION_SECONDS.observe(time.perf_counter() - p.started)
         self._pending = []
 
-    async def _decide(self, requests: list[DecideRequest]) -> list[DecideOutcome]:
+    async def _decide(self, requests: list[DecideRequest]) -> list[DecideOutcome | ResponseError]:
         for _ in range(2):
             try:
                 t0 = time.perf_counter()
