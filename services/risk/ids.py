@@ -17,11 +17,17 @@ ARB_ID_LENGTH = 22
 MAX_LEGS = len(_ALPHABET)
 
 
+_CHUNK = 62**10
+"""Ten base-62 digits fit in 64 bits: convert in machine-word chunks, not 128-bit arithmetic."""
+
+
 def _base62(value: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        value, digit = divmod(value, 62)
-        out.append(_ALPHABET[digit])
+    out: list[str] = []
+    while len(out) < width:
+        value, chunk = divmod(value, _CHUNK)
+        for _ in range(min(10, width - len(out))):
+            chunk, digit = divmod(chunk, 62)
+            out.append(_ALPHABET[digit])
     return "".join(reversed(out))
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
@@ -53,8 +53,7 @@ class StateNotReady(Exception):
 # --------------------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True, slots=True)
-class Claim:
+class Claim(NamedTuple):
     """Add ``units`` to counter ``field`` unless that takes it past ``cap``; else reject with ``reason``."""
 
     field: str
@@ -63,8 +62,7 @@ class Claim:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class CooldownClaim:
+class CooldownClaim(NamedTuple):
     """Reject with ``reason`` while cooldown ``field`` runs; on approval extend it to ``until_ms``."""
 
     field: str
@@ -72,15 +70,13 @@ class CooldownClaim:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class RateClaim:
+class RateClaim(NamedTuple):
     exchange: str
     orders: int
     limit: int
 
 
-@dataclass(frozen=True, slots=True)
-class BalanceClaim:
+class BalanceClaim(NamedTuple):
     """``units`` of ``asset`` on ``exchange`` must be free after what is already reserved."""
 
     exchange: str
