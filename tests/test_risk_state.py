@@ -377,3 +377,21 @@ async def test_replaying_the_same_decisions_twice_changes_nothing(bus: Bus) -> N
     # Replay does not prune the order-rate windows (the next decision does): a superset, same scores.
     for exchange, members in original.orders.items():
         assert members.items() <= replayed.orders[exchange].items()
+
+
+async def test_a_late_execution_of_yesterday_counts_in_the_total_but_not_in_today(bus: Bus) -> None:
+    limits = RiskLimits.from_config(risk_config(daily_loss_limit=10.0))
+    book = RiskBook(limits, env="test", session="late")
+    state = await fresh_redis_state(bus)
+    memory = MemoryRiskState()
+    day = 86_400 * 10**9
+    settles = [book.settlement(execution(f"a{i}", pnl, ts_ns=T0 + ts)) for i, (pnl, ts) in
+               enumerate((("-6", day), ("-8", 0), ("-3", day + 10**9)))]  # today, yesterday (late), today
+    for req in settles:
+        assert memory.settle(req) == await state.settle(req)
+    dump = await state.dump()
+    assert dump.state["pnl:daily"] == "-900000000" and dump.state["pnl:total"] == "-1700000000"
+    assert memory.dump(0).comparable() == dump.comparable()
+    assessed = book.assess(spatial(ts_ns=T0 + day + 2 * 10**9), T0 + day + 2 * 10**9)
+    assert isinstance(assessed, Assessment)
+    assert (await state.decide(assessed.request)).approved  # -9 today: above the -10 limit

@@ -188,11 +188,19 @@ if ARGV[12] ~= '1' and not redis.call('HGET', K_STATE, 'init') then return {'noi
 if redis.call('ZSCORE', K_SET, aid) then return {'dup'} end
 local released = release(K_RES, K_EXP, aid)
 local triggers = {}
-if redis.call('HGET', K_STATE, 'pnl:day') ~= day then
+-- the day only rolls forward: a late execution of a past day counts in the total, not today
+local stored_day = redis.call('HGET', K_STATE, 'pnl:day')
+if not stored_day or day > stored_day then
   redis.call('HSET', K_STATE, 'pnl:day', day)
   redis.call('HDEL', K_STATE, 'pnl:daily')
 end
-local daily = incr('pnl:daily', pnl_s)
+local past_day = stored_day and day < stored_day
+local daily
+if past_day then
+  daily = tonumber(redis.call('HGET', K_STATE, 'pnl:daily') or '0')
+else
+  daily = incr('pnl:daily', pnl_s)
+end
 local total = incr('pnl:total', pnl_s)
 local total_s = redis.call('HGET', K_STATE, 'pnl:total') or '0'
 local peak_s = redis.call('HGET', K_STATE, 'pnl:peak') or '0'
@@ -200,7 +208,7 @@ if total > tonumber(peak_s) then
   peak_s = total_s
   redis.call('HSET', K_STATE, 'pnl:peak', total_s)
 end
-if daily <= -tonumber(ARGV[5]) and redis.call('HGET', K_STATE, 'alert:daily') ~= day then
+if not past_day and daily <= -tonumber(ARGV[5]) and redis.call('HGET', K_STATE, 'alert:daily') ~= day then
   redis.call('HSET', K_STATE, 'alert:daily', day)
   triggers[#triggers + 1] = 'daily_loss'
 end

@@ -415,16 +415,19 @@ class MemoryRiskState:
             return SettleOutcome(duplicate=True)
         released = self._release(req.arb_id)
         triggers: list[str] = []
-        if self.state.get("pnl:day") != req.day:
+        # The day only rolls forward: a late execution of a past day counts in the total, not today.
+        day = self.state.get("pnl:day")
+        if day is None or req.day > day:
             self.state["pnl:day"] = req.day
             self.state.pop("pnl:daily", None)
-        daily = self._incr("pnl:daily", req.pnl)
+        past_day = day is not None and req.day < day
+        daily = int(self.state.get("pnl:daily", "0")) if past_day else self._incr("pnl:daily", req.pnl)
         total = self._incr("pnl:total", req.pnl)
         peak = self.state.get("pnl:peak", "0")
         if float(total) > float(peak):
             peak = str(total)
             self.state["pnl:peak"] = peak
-        if float(daily) <= -float(req.daily_loss_limit) and self.state.get("alert:daily") != req.day:
+        if not past_day and float(daily) <= -float(req.daily_loss_limit) and self.state.get("alert:daily") != req.day:
             self.state["alert:daily"] = req.day
             triggers.append(reasons.TRIGGER_DAILY_LOSS)
         start = float(req.starting_equity)
