@@ -43,6 +43,15 @@ _executions = decoder_for(Execution)
 _balances = decoder_for(Balance)
 
 
+class LeaseLost(Exception):
+    """Another replica took over the restore (this one stalled past the lease): start again."""
+
+
+async def _keep(lease: Lease) -> None:
+    if not await lease.renew():
+        raise LeaseLost(lease.key)
+
+
 @dataclass(frozen=True, slots=True)
 class RestoreReport:
     snapshot_id: int | None
@@ -78,6 +87,8 @@ class Recovery:
                 if await self.state.initialised():
                     return None
                 return await self._restore(lease)
+            except LeaseLost:
+                log.warning("restore lease lost, starting again")
             finally:
                 await lease.release()
         return None
@@ -86,7 +97,9 @@ class Recovery:
         started = time.monotonic()
         found = await self.store.latest()
         snapshot_id, dump = found if found is not None else (None, StateDump(ts_ms=0))
+        await _keep(lease)
         await self.state.restore(dump)
+        await _keep(lease)
         since = max(0, dump.ts_ms - self.margin_ms) if found is not None else 0
         report = RestoreReport(
             snapshot_id=snapshot_id, snapshot_ts_ms=dump.ts_ms,
@@ -94,6 +107,7 @@ class Recovery:
             executions=await self._replay_executions(since, lease),
             balances=await self._replay_balances(since, lease),
         )
+        await _keep(lease)
         await self.state.mark_initialised(json.dumps({
             "by": self.owner, "ts_ms": int(time.time() * 1000), "snapshot_id": snapshot_id,
         }))
@@ -117,7 +131,7 @@ class Recovery:
             if len(page) < PAGE:
                 return
             start = "(" + page[-1][0].decode()
-            await lease.renew()
+            await _keep(lease)
 
     async def _replay_decisions(self, since_ms: int, lease: Lease) -> int:
         applied = 0
