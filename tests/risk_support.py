@@ -214,8 +214,8 @@ async def start_risk_fixture(service_env: dict[str, str], pg_url: str, redis_url
 
     started: list[RiskHarness] = []
 
-    async def start(*, instance: str | None = None, **risk: Any) -> RiskHarness:
-        env = {**service_env, "ARB_REDIS__BLOCK_MS": "100"}
+    async def start(*, instance: str | None = None, env: dict[str, str] | None = None, **risk: Any) -> RiskHarness:
+        env = {**service_env, "ARB_REDIS__BLOCK_MS": "100", **(env or {})}
         cfg = risk_config(env, **risk)
         service = RiskService(cfg, instance=instance or f"risk-{len(started)}", config_path=None)
         task = asyncio.create_task(service.main())

@@ -234,3 +234,23 @@ def test_arb_bench_risk_prints_its_figures_against_a_bare_hop(redis_url: str) ->
         assert not list(client.scan_iter(match="bench:risk:*", count=1000))
     finally:
         client.close()
+
+
+async def test_when_redis_loses_the_state_under_two_replicas_exactly_one_restores_it(start_risk: StartRisk) -> None:
+    small = {"ARB_REDIS__BATCH_SIZE": "2"}  # so both replicas take signals
+    a = await start_risk(instance="risk-a", env=small, snapshot_interval_s=0.2, snapshot_min_interval_ms=50)
+    b = await start_risk(instance="risk-b", env=small, snapshot_interval_s=0.2, snapshot_min_interval_ms=50)
+    approved = 0
+    for i in range(6):
+        approved += (await a.decide(spatial(signal_id=f"before-{i}"))).approved
+    await asyncio.sleep(0.4)
+    await a.bus.redis.delete(*a.service.state.keys.all())
+    await a.send(*(spatial(signal_id=f"after-{i}") for i in range(20)))  # both replicas take some
+    for i in range(20):
+        approved += (await a.decision(f"after-{i}", timeout=15)).approved
+    restored = [x for x in await a.alerts() if x.kind == "state_restored"]
+    assert len(restored) == 1
+    assert approved == 26
+    assert await a.bus.redis.hget(a.service.state.keys.state, "open") == b"26"
+    handled = [r.service.consumers[0].handled for r in (a, b)]
+    assert sum(handled) == 26 and min(handled) > 0, handled
