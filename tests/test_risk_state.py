@@ -49,9 +49,9 @@ async def decide_in_redis(book: RiskBook, state: RedisRiskState, signal: Signal,
     return book.decided(signal, assessed, await state.decide(assessed.request), now_ns)
 
 
-def scenario(seed: int, n: int) -> list[tuple[str, Any, int]]:
+def scenario(variant: int, n: int) -> list[tuple[str, Any, int]]:
     """A random but reproducible stream of inputs that walks into every guard."""
-    rng = random.Random(seed)
+    rng = random.Random(variant)
     now = T0
     venues = ["binance", "okx", "bybit"]
     plenty = {"USDT": 50_000, "BTC": 2, "ETH": 40, "KRW": 50_000_000}
@@ -75,7 +75,7 @@ def scenario(seed: int, n: int) -> list[tuple[str, Any, int]]:
             ts = now - (rng.randrange(0, 3_000_000_000) if rng.random() < 0.08 else rng.randrange(0, 5_000_000))
             kwargs: dict[str, Any] = dict(asset=asset, buy=(a, price.quantize(Decimal("0.01"))),
                                           sell=(b, sell.quantize(Decimal("0.01"))), qty=qty, ts_ns=ts,
-                                          signal_id=f"s{seed}-{i}")
+                                          signal_id=f"s{variant}-{i}")
             if rng.random() < 0.1:
                 kwargs.update(buy=("upbit", (price * 1380).quantize(Decimal(1))), quote="KRW", sell_quote="USDT")
             if rng.random() < 0.03:
@@ -105,8 +105,8 @@ def scenario(seed: int, n: int) -> list[tuple[str, Any, int]]:
 
 async def test_memory_and_redis_states_decide_identically(bus: Bus) -> None:
     seen: Counter[str] = Counter()
-    for seed in (2, 5):
-        seen += await run_both(bus, seed)
+    for variant in (2, 5):
+        seen += await run_both(bus, variant)
     # The scenarios are only worth something if they walked into the guards.
     for reason in (reasons.APPROVED, reasons.INVALID, reasons.STALE_SIGNAL, reasons.STALE_FX, reasons.ANOMALY,
                    reasons.HALTED, reasons.CIRCUIT_BREAKER, reasons.ORDER_RATE, reasons.MAX_OPEN,
@@ -116,7 +116,7 @@ async def test_memory_and_redis_states_decide_identically(bus: Bus) -> None:
     assert sum(seen[r] for r in (reasons.EXPOSURE_TOTAL, reasons.EXPOSURE_COIN, reasons.EXPOSURE_EXCHANGE)) > 0, seen
 
 
-async def run_both(bus: Bus, seed: int) -> Counter[str]:
+async def run_both(bus: Bus, variant: int) -> Counter[str]:
     """One scenario through the memory engine and through Redis: every output and the final state agree."""
     limits = RiskLimits.from_config(risk_config(**TIGHT))
     engine = RiskEngine(limits, env="test", session="diff")
@@ -124,7 +124,7 @@ async def run_both(bus: Bus, seed: int) -> Counter[str]:
     redis_state = await fresh_redis_state(bus)
     seen: Counter[str] = Counter()
     approved: list[str] = []
-    for kind, item, now in scenario(seed=seed, n=900):
+    for kind, item, now in scenario(variant=variant, n=900):
         if kind == "signal":
             mine = engine.check(item, now)
             theirs = await decide_in_redis(book, redis_state, item, now)
@@ -257,7 +257,7 @@ async def test_a_dump_restores_to_the_same_state(bus: Bus, redis_url: str, names
     book = RiskBook(limits, env="test", session="dump")
     state = await fresh_redis_state(bus)
     engine = RiskEngine(limits, env="test", session="dump")
-    for kind, item, now in scenario(seed=11, n=250):
+    for kind, item, now in scenario(variant=11, n=250):
         if kind == "signal":
             await decide_in_redis(book, state, item, now)
             engine.check(item, now)

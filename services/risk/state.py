@@ -286,7 +286,7 @@ class MemoryRiskState:
     balances: dict[str, str] = field(default_factory=dict)
     orders: dict[str, _ZSet] = field(default_factory=dict)
 
-    # ------------------------------------------------------------------ helpers (one per Lua helper)
+    # ------------------------------------------------------------------ steps (one per Lua function)
 
     def _incr(self, name: str, delta: int) -> int:
         value = int(self.state.get(name, "0")) + delta
