@@ -101,6 +101,8 @@ class RiskService(Service):
 
     def __init__(self, cfg: Config, secrets: Secrets | None = None, *, instance: str | None = None,
                  config_path: str | None = None) -> None:
+        """``config_path`` is the file a reload re-reads; None: this process's ``--config``, if any
+        (``run_service`` does not pass it on), else ``$ARB_CONFIG`` / ``./arb.toml`` as at start."""
         super().__init__(cfg, secrets, instance=instance)
         self.config_path = config_path if config_path is not None else _config_path_from_argv()
         self.limits = RiskLimits.from_config(cfg)
