@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections import Counter
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,6 +21,7 @@ from services.risk.redis_state import RedisRiskState
 from services.risk.state import MemoryRiskState, StateDump, StateNotReady, record_pairs
 from shared.models import Balance, Residual, Signal
 from shared.runtime import Bus
+from shared.streams import KeySpace
 
 T0 = 1_700_000_000_000_000_000
 TIGHT: dict[str, Any] = dict(
@@ -395,3 +397,22 @@ async def test_a_late_execution_of_yesterday_counts_in_the_total_but_not_in_toda
     assessed = book.assess(spatial(ts_ns=T0 + day + 2 * 10**9), T0 + day + 2 * 10**9)
     assert isinstance(assessed, Assessment)
     assert (await state.decide(assessed.request)).approved  # -9 today: above the -10 limit
+
+
+async def test_decisions_survive_redis_losing_its_script_cache(tmp_path: Path) -> None:
+    from shared.embedded import start_redis
+
+    server = start_redis(tmp_path)  # a private Redis: SCRIPT FLUSH must not touch a shared one
+    bus = Bus.from_url(server.url, keys=KeySpace("development", "scripts"))
+    try:
+        book = RiskBook(RiskLimits.from_config(risk_config()), env="development", session="scripts")
+        state = await fresh_redis_state(bus)
+        for batch in (1, 3):
+            await bus.redis.script_flush()
+            assessed = [book.assess(spatial(ts_ns=T0), T0) for _ in range(batch)]
+            outcomes = await state.decide_many([a.request for a in assessed if isinstance(a, Assessment)])
+            assert [getattr(o, "reason", o) for o in outcomes] == [reasons.APPROVED] * batch
+        assert (await state.dump()).state["open"] == "4"
+    finally:
+        await bus.close()
+        server.stop()

@@ -5,10 +5,12 @@ Three measurements, each against its own baseline, in alternating rounds (median
 - hop latency: signals published at a steady rate, each stamped with its send time
   (``ts_origin_ns``); a reader takes the relay's output and records receive - send.
   Baseline relay: bare redis-py in its own process (XREADGROUP -> XADD + XACK in one
-  pipeline, payload untouched). Risk relay: the real service (``python -m services.risk``),
-  every signal approved (the most work: all checks, then every counter reserved), its
-  ``Decision`` read back; reservations lapse after 1 s (no executor here), so the state
-  stays the size a live one has. The difference is what deciding adds to a hop.
+  pipeline, payload untouched). Calibration relay: the same plus one trivial EVALSHA round
+  trip per batch, the floor of any design that takes one atomic step in Redis per batch.
+  Risk relay: the real service (``python -m services.risk``), every signal approved (the
+  most work: all checks, then every counter reserved), its ``Decision`` read back;
+  reservations lapse after 1 s (no executor here), so the state stays the size a live one
+  has. The difference to the bare hop is what deciding adds to a hop.
 - throughput: N signals published at once; decisions per second of one replica vs. the
   bare relay's messages per second.
 - check-and-reserve: the atomic Lua step alone, EVALSHA round trips from this process,
@@ -82,8 +84,9 @@ def _signal(i: int, now: int, tag: str) -> bytes:
 # ------------------------------------------------------------------ relays
 
 
-def _bare_relay(url: str, prefix: str, batch: int, ready: Any, stop: Any) -> None:
-    """XREADGROUP -> XADD (+ XACK) with redis-py, nothing else: the baseline hop."""
+def _bare_relay(url: str, prefix: str, batch: int, ready: Any, stop: Any, extra_round_trip: bool) -> None:
+    """XREADGROUP -> XADD (+ XACK) with redis-py, nothing else: the baseline hop (optionally plus
+    one trivial script round trip per batch, for calibration)."""
     from shared.service import install_event_loop_policy
 
     install_event_loop_policy()
@@ -95,9 +98,13 @@ def _bare_relay(url: str, prefix: str, batch: int, ready: Any, stop: Any) -> Non
         src, dst = prefix + SIGNALS, prefix + RELAY_OUT
         with contextlib.suppress(redis.ResponseError):  # the group exists already
             await r.xgroup_create(src, GROUP, id="0", mkstream=True)
+        script = r.register_script("return 1")
+        await script()
         ready.set()
         while not stop.is_set():
             reply: Any = await r.xreadgroup(GROUP, "bare", {src: ">"}, count=batch, block=200)
+            if reply and extra_round_trip:
+                await script()
             for _, entries in reply or ():
                 pipe = r.pipeline(transaction=False)
                 for _, fields in entries:
@@ -119,10 +126,11 @@ class _Relay:
         self._stop: Any = None
 
     def start(self) -> None:
-        if self.kind == "bare":
+        if self.kind != "risk":
             ctx = mp.get_context("spawn")
             ready, self._stop = ctx.Event(), ctx.Event()
-            self._proc = ctx.Process(target=_bare_relay, args=(self.url, self.prefix, self.batch, ready, self._stop))
+            self._proc = ctx.Process(target=_bare_relay, args=(self.url, self.prefix, self.batch, ready, self._stop,
+                                                               self.kind == "bare+rtt"))
             self._proc.start()
             if not ready.wait(30):
                 raise RuntimeError("bare relay did not start")
@@ -152,7 +160,7 @@ class _Relay:
         client.close()
 
     def stop(self) -> None:
-        if self.kind == "bare":
+        if self.kind != "risk":
             self._stop.set()
             self._proc.join(10)
             if self._proc.is_alive():
@@ -329,10 +337,11 @@ def main(argv: list[str]) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating bare/risk rounds; medians are reported")
     p.add_argument("--check-and-reserve", type=int, default=3000, help="direct Lua round trips measured")
     args = p.parse_args(argv)
-    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "risk": []}
+    runs: dict[str, list[dict[str, Any]]] = {"bare": [], "bare+rtt": [], "risk": []}
     with bench_redis(args.redis_url) as url, tempfile.TemporaryDirectory(prefix="arb-bench-risk-") as tmp:
         for r in range(args.rounds):
-            for kind in (("bare", "risk") if r % 2 == 0 else ("risk", "bare")):
+            kinds = ["bare", "bare+rtt", "risk"]
+            for kind in (kinds if r % 2 == 0 else kinds[::-1]):
                 runs[kind].append(_round(kind, url, args, Path(tmp)))
         direct = asyncio.run(_check_and_reserve(url, args.check_and_reserve))
 
@@ -341,6 +350,7 @@ def main(argv: list[str]) -> int:
         return float(values[len(values) // 2])
 
     bare = {k: med("bare", k) for k in ("p50_us", "p90_us", "p99_us")}
+    floor = {k: med("bare+rtt", k) for k in ("p50_us", "p90_us", "p99_us")}
     risk = {k: med("risk", k) for k in ("p50_us", "p90_us", "p99_us")}
     added_p50 = round(risk["p50_us"] - bare["p50_us"], 1)
     result: dict[str, Any] = {
@@ -348,6 +358,8 @@ def main(argv: list[str]) -> int:
             "rate_msg_s": args.rate, "messages_per_round": args.messages, "rounds": args.rounds,
             "bare_xreadgroup_xadd": bare, "risk_decision": risk,
             "added_p50_us": added_p50, "added_p99_us": round(risk["p99_us"] - bare["p99_us"], 1),
+            "calibration_bare_plus_one_round_trip": floor,
+            "added_p50_us_over_calibration": round(risk["p50_us"] - floor["p50_us"], 1),
             "target_added_p50_us": TARGET_ADDED_P50_US, "target_met": added_p50 < TARGET_ADDED_P50_US,
             "per_round": {k: [{q: x["latency"][q] for q in ("p50_us", "p99_us", "max_us")} for x in v]
                           for k, v in runs.items()},
@@ -355,6 +367,7 @@ def main(argv: list[str]) -> int:
         "throughput": {
             "messages": args.throughput_messages,
             "bare_msg_s": sorted(x["throughput"] for x in runs["bare"])[len(runs["bare"]) // 2],
+            "calibration_msg_s": sorted(x["throughput"] for x in runs["bare+rtt"])[len(runs["bare+rtt"]) // 2],
             "risk_decisions_s": sorted(x["throughput"] for x in runs["risk"])[len(runs["risk"]) // 2],
             "per_round": {k: [x["throughput"] for x in v] for k, v in runs.items()},
         },

@@ -122,11 +122,18 @@ class RedisRiskState:
             return []
         replies: list[Any] = []
         for attempt in range(2):
-            pipe = self.bus.redis.pipeline(transaction=False)
-            for req in requests:
-                keys, packed = self._decide_args(req)
-                pipe.evalsha(self._decide.sha, len(keys), *keys, packed)
-            replies = await pipe.execute(raise_on_error=False)
+            if len(requests) == 1:  # the common case at low rates: no pipeline machinery
+                keys, packed = self._decide_args(requests[0])
+                try:
+                    replies = [await self.bus.redis.evalsha(self._decide.sha, len(keys), *keys, packed)]
+                except ResponseError as exc:
+                    replies = [exc]
+            else:
+                pipe = self.bus.redis.pipeline(transaction=False)
+                for req in requests:
+                    keys, packed = self._decide_args(req)
+                    pipe.evalsha(self._decide.sha, len(keys), *keys, packed)
+                replies = await pipe.execute(raise_on_error=False)
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.load_scripts()  # Redis restarted and lost its script cache; deciding again is idempotent
                 continue
