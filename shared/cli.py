@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # risk
     "halt": ("services.risk.cli:cmd_halt", "kill switch: stop all approvals now"),
     "resume": ("services.risk.cli:cmd_resume", "lift a manual halt"),
+    "risk": ("services.risk.cli:cmd_risk", "risk state and limits: `arb risk status | reload`"),
     # rebalancer
     "transfers": ("services.rebalancer.cli:cmd_transfers", "list | plan | approve | cancel transfers"),
 }

@@ -255,10 +255,91 @@ class DetectorSettings(_Section, frozen=True):
     stat_pairs: tuple[StatPairSettings, ...] = ()
 
 
+PosFraction = Annotated[float, Meta(gt=0, lt=1)]
+
+
+class RiskSymbolSettings(_Section, frozen=True):
+    """Overrides for one asset (``[risk.symbols.BTC]``); an unset field inherits the global value."""
+
+    max_notional_per_trade: PosFloat | None = None
+    max_exposure: PosFloat | None = None
+    """Cap on the reserved notional of open arbitrages in this asset (else ``portfolio.max_exposure_per_coin``)."""
+    cooldown_ms: NonNegInt | None = None
+    max_book_age_ms: PosInt | None = None
+    max_price_deviation: PosFraction | None = None
+    max_venue_deviation: PosFraction | None = None
+
+
+class RiskPortfolioSettings(_Section, frozen=True):
+    """Limits on everything open at once, in the reference currency."""
+
+    max_total_exposure: PosFloat = 5_000.0
+    max_exposure_per_coin: PosFloat = 2_000.0
+    max_exposure_per_exchange: PosFloat = 3_000.0
+    exchanges: dict[str, PosFloat] = {}
+    """Per-exchange overrides of ``max_exposure_per_exchange``, e.g. {upbit = 1000}."""
+
+
 class RiskSettings(_Section, frozen=True):
+    """Risk limits: global values here, ``portfolio`` for what is open at once, ``symbols`` per asset.
+
+    Money is in the reference currency (``trading.reference_currency``). Reloadable at run
+    time (``arb risk reload`` or SIGHUP): a reload is validated first and refused if invalid.
+    """
+
     max_notional_per_trade: PosFloat = 1_000.0
     max_open_arbitrages: PosInt = 5
     daily_loss_limit: PosFloat = 200.0
+    """Realised loss of one day (from ``daily_reset_timezone`` midnight) that stops approvals."""
+    daily_reset_timezone: str = "UTC"
+    starting_equity: PosFloat = 10_000.0
+    """Equity = this + realised PnL of the session; drawdown is measured from its peak."""
+    max_drawdown: PosFraction = 0.05
+    circuit_breaker_losses: PosInt = 5
+    """This many losing arbitrages in a row halt approvals for ``circuit_breaker_halt_s``."""
+    circuit_breaker_halt_s: PosFloat = 300.0
+    symbol_cooldown_ms: NonNegInt = 0
+    """After an approval, no new arbitrage in the same asset for this long (0 = off)."""
+    venue_pair_cooldown_ms: NonNegInt = 0
+    """After an approval, no new arbitrage on the same set of exchanges for this long (0 = off)."""
+    loss_cooldown_ms: NonNegInt = 0
+    """After a losing arbitrage, its asset and venue pair cool down for this long (0 = off)."""
+    max_signal_age_ms: PosInt = 1_000
+    max_book_age_ms: PosInt = 2_000
+    max_fx_age_ms: PosInt = 60_000
+    max_clock_skew_ms: PosInt = 1_000
+    """A signal stamped further in the future than this is invalid."""
+    max_price_deviation: PosFraction = 0.05
+    """Flash-crash guard: a leg price further than this from its venue's rolling median is rejected."""
+    price_window_s: PosFloat = 60.0
+    price_window_min_samples: PosInt = 5
+    max_venue_deviation: PosFraction = 0.10
+    """Flash-crash guard: legs of one asset on different venues further apart than this are rejected."""
+    order_rate_limit: PosInt = 20
+    """Orders per exchange per ``order_rate_window_ms``, across all replicas."""
+    order_rate_window_ms: PosInt = 1_000
+    require_balances: bool | None = None
+    """Unknown balance = not enough (true) or unchecked (false); unset: true in live mode, false in paper."""
+    intent_ttl_ms: PosInt = 5_000
+    """An order intent not sent within this is void (``expires_ns``)."""
+    reservation_grace_ms: NonNegInt = 60_000
+    """A reservation with no execution is released this long after its intent expired."""
+    halt_on_residuals: bool = True
+    """An execution leaving residual exposure worth at least ``residual_halt_notional`` sets the kill switch."""
+    residual_halt_notional: NonNegFloat = 10.0
+    verdict_retention_s: PosInt = 120
+    """Verdicts are remembered this long, so a redelivered signal gets the same verdict."""
+    snapshot_interval_s: PosFloat = 5.0
+    snapshot_min_interval_ms: PosInt = 1_000
+    snapshot_keep: PosInt = 1_000
+    restore_margin_ms: Annotated[int, Meta(gt=0, le=3_600_000)] = 5_000
+    """Replay the streams from this long before the snapshot when restoring (replay is idempotent; at
+    most an hour, far inside the 24 h for which settled arbitrages are remembered)."""
+    alert_interval_s: NonNegFloat = 60.0
+    """At most one alert per reject reason per interval and replica (halts always alert)."""
+    portfolio: RiskPortfolioSettings = RiskPortfolioSettings()
+    symbols: dict[str, RiskSymbolSettings] = {}
+    """Per-asset overrides, keyed by the asset in capitals (``BTC``)."""
 
 
 class ExecutorSettings(_Section, frozen=True):
@@ -600,6 +681,7 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
             f"must not exceed 100x risk.max_notional_per_trade ({cfg.risk.max_notional_per_trade})",
             cfg.trading.max_notional,
         )
+    _validate_risk(cfg)
     if cfg.trading.mode == "live":
         if cfg.env == "development":
             raise ConfigError("trading.mode", "requires env staging or production", "live")
@@ -686,6 +768,51 @@ def _validate_rebalancer(rb: RebalancerSettings) -> None:
     rate = rb.capital_cost_per_hour
     if not rate.is_finite() or rate < 0 or rate >= Decimal("0.01"):
         raise ConfigError("rebalancer.capital_cost_per_hour", "must be a fraction per hour in [0, 0.01)", str(rate))
+
+
+def _validate_risk(cfg: Config) -> None:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    r, p = cfg.risk, cfg.risk.portfolio
+    try:
+        ZoneInfo(r.daily_reset_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError("risk.daily_reset_timezone", "must be an IANA time zone like Asia/Seoul",
+                          r.daily_reset_timezone) from None
+    for name, value in (("max_exposure_per_coin", p.max_exposure_per_coin),
+                        ("max_exposure_per_exchange", p.max_exposure_per_exchange)):
+        if value > p.max_total_exposure:
+            raise ConfigError(f"risk.portfolio.{name}",
+                              f"must not exceed risk.portfolio.max_total_exposure ({p.max_total_exposure})", value)
+    for name, value in p.exchanges.items():
+        if name not in EXCHANGES:
+            raise ConfigError(f"risk.portfolio.exchanges.{name}", f"must be one of {', '.join(EXCHANGES)}",
+                              show_value=False)
+        if value > p.max_total_exposure:
+            raise ConfigError(f"risk.portfolio.exchanges.{name}",
+                              f"must not exceed risk.portfolio.max_total_exposure ({p.max_total_exposure})", value)
+    if r.max_notional_per_trade > min(p.max_exposure_per_coin, p.max_total_exposure):
+        raise ConfigError("risk.max_notional_per_trade",
+                          f"must not exceed risk.portfolio.max_exposure_per_coin ({p.max_exposure_per_coin})",
+                          r.max_notional_per_trade)
+    for asset, sym in r.symbols.items():
+        if not re.fullmatch(r"[A-Z0-9]{1,20}", asset):
+            raise ConfigError(f"risk.symbols.{asset}", "must be an asset in capitals, like BTC", show_value=False)
+        notional = sym.max_notional_per_trade or r.max_notional_per_trade
+        exposure = sym.max_exposure or p.max_exposure_per_coin
+        if exposure > p.max_total_exposure:
+            raise ConfigError(f"risk.symbols.{asset}.max_exposure",
+                              f"must not exceed risk.portfolio.max_total_exposure ({p.max_total_exposure})", exposure)
+        if notional > exposure:
+            raise ConfigError(f"risk.symbols.{asset}.max_notional_per_trade",
+                              f"must not exceed the asset's max_exposure ({exposure})", notional)
+    if r.daily_loss_limit >= r.starting_equity:
+        raise ConfigError("risk.daily_loss_limit", f"must be below risk.starting_equity ({r.starting_equity})",
+                          r.daily_loss_limit)
+    if r.verdict_retention_s * 1000 < 2 * (r.max_signal_age_ms + r.max_clock_skew_ms):
+        raise ConfigError("risk.verdict_retention_s",
+                          "must cover twice risk.max_signal_age_ms + risk.max_clock_skew_ms, so a redelivered "
+                          "signal is either remembered or stale", r.verdict_retention_s)
 
 
 def load_config(

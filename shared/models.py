@@ -171,6 +171,25 @@ class Signal(Message, tag="signal", kw_only=True):
     meta: dict[str, Any] = {}
 
 
+class RiskReservation(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What risk reserved for an approved arbitrage, exactly as it reserved it.
+
+    Carried on the approving ``Decision`` so the risk state can be rebuilt from the
+    ``decisions`` stream after Redis lost it. Amounts are fixed-point integers (1e-8 units
+    of the reference currency or of the asset), so the rebuilt state is exact.
+    """
+
+    arb_id: str
+    expires_ms: int
+    """When the reservation lapses if no execution released it (intent expiry + grace)."""
+    counters: dict[str, int] = {}
+    """Guard counter -> amount reserved (``open``, ``x:total``, ``x:coin:BTC``, ``rb:binance:USDT``, ...)."""
+    cooldowns: dict[str, int] = {}
+    """Cooldown -> until (ms since the epoch)."""
+    orders: dict[str, int] = {}
+    """Exchange -> orders counted by the order-rate limit at the decision time."""
+
+
 class Decision(Message, tag="decision", kw_only=True):
     """Risk's verdict on one signal; every verdict is published for audit."""
 
@@ -184,6 +203,8 @@ class Decision(Message, tag="decision", kw_only=True):
     notional: float = 0.0
     ts_ns: int
     ts_origin_ns: int = 0
+    reservation: RiskReservation | None = None
+    """Set on approvals only."""
 
 
 class OrderLeg(msgspec.Struct, kw_only=True, omit_defaults=True):

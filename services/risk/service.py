@@ -1,9 +1,484 @@
-"""The risk service shell."""
+"""The risk service shell: streams in, the core and the shared state in between, verdicts out.
+
+Inputs (group ``risk``): ``signals`` (in two stages per consumer batch: the handler decodes and
+runs the stateless checks; then, before the batch is acknowledged, every remaining signal is
+checked-and-reserved in Redis, one atomic script each, all in one round trip and in order, and
+the verdicts are published), ``executions`` (release, realised PnL, loss streak,
+drawdown), ``balances`` (what each venue holds). ``fx`` is followed by every replica with a
+plain XREAD (each replica needs every rate; a group would split them). ``fills`` are not
+read: a reservation is held until its arbitrage's execution (or its expiry), which counts
+every fill at once and conservatively.
+
+Outputs go through the service's producer, so they are in Redis before the inputs are
+acknowledged: ``orders`` (approved intents), ``decisions`` (every verdict), ``alerts``.
+
+Background: the expiry sweeper, PostgreSQL snapshots (one replica, under a lease), the
+config reload watcher (``arb risk reload`` / SIGHUP), instrument refresh and gauges.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import psycopg
+from redis.exceptions import ResponseError
+
+from services.risk import metrics as m
+from services.risk import reasons
+from services.risk.core import Assessment, Rejection, RiskBook, Verdict
+from services.risk.limits import RiskLimits
+from services.risk.recovery import Recovery
+from services.risk.redis_state import RedisRiskState
+from services.risk.snapshots import SnapshotStore
+from services.risk.state import DecideOutcome, DecideRequest, SettleOutcome, SettleRequest, StateNotReady
+from services.risk.summary import summarize
+from shared.config import Config, ConfigError, Secrets, load_config
+from shared.models import Alert, Balance, Execution, FxRate, Instrument, Signal, decoder_for, split_symbol
+from shared.runtime import FIELD, Delivery, Lease, Retryable, backoff_delay, is_redis_down
 from shared.service import Service
+from shared.streams import ALERTS, BALANCES, DECISIONS, EXECUTIONS, FX, ORDERS, SIGNALS, Group
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 0.25
+SNAPSHOT_POLL_S = 0.1
+RELOAD_POLL_S = 1.0
+INSTRUMENTS_REFRESH_S = 60.0
+GAUGES_INTERVAL_S = 2.0
+SNAPSHOT_LEASE_MS = 5_000
+_RESTART_SECTIONS = ("env", "session", "redis", "postgres", "http")
+
+_signals = decoder_for(Signal)
+_fx = decoder_for(FxRate)
+_instrument = msgspec.json.Decoder(Instrument)
+_instruments = msgspec.json.Decoder(list[Instrument])
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableSignal:
+    raw: bytes
+    error: str
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A signal of the batch in hand, between its stateless checks and its verdict."""
+
+    signal: Signal | None
+    assessed: Assessment | None
+    verdict: Verdict | None
+    now_ns: int
+    started: float
+
+
+def decode_signal(raw: bytes) -> Signal | UndecodableSignal:
+    """Never raises: a signal that does not decode is still answered (``invalid``), not dead-lettered."""
+    try:
+        return _signals.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError) as exc:
+        return UndecodableSignal(bytes(raw), str(exc))
+
+
+def _config_path_from_argv() -> str | None:
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--config")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return args.config
 
 
 class RiskService(Service):
     name = "risk"
+
+    def __init__(self, cfg: Config, secrets: Secrets | None = None, *, instance: str | None = None,
+                 config_path: str | None = None) -> None:
+        """``config_path`` is the file a reload re-reads; None: this process's ``--config``, if any
+        (``run_service`` does not pass it on), else ``$ARB_CONFIG`` / ``./arb.toml`` as at start."""
+        super().__init__(cfg, secrets, instance=instance)
+        self.config_path = config_path if config_path is not None else _config_path_from_argv()
+        self.limits = RiskLimits.from_config(cfg)
+        self.book = RiskBook(self.limits, env=cfg.env, session=cfg.session)
+        self.state = RedisRiskState(self.bus)
+        self.snapshots = SnapshotStore(cfg.postgres.url, session=cfg.session, env=cfg.env)
+        self.recovery = Recovery(self.bus, self.state, self.snapshots, self.book, owner=self.instance,
+                                 margin_ms=cfg.risk.restore_margin_ms)
+        self.ready = asyncio.Event()
+        self._pending: list[_Pending] = []
+        self._reload_seen: bytes | None = None
+        self._last_snapshot_ns = 0
+        self._snapshot_error = ""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def setup(self) -> None:
+        await self._load_fx()
+        with contextlib.suppress(Exception):
+            await self._load_instruments()
+        await self._ensure_state()
+        reload_seen: Any = await self.bus.redis.get(self.state.keys.reload)
+        self._reload_seen = reload_seen
+        await self.state.load_scripts()
+        self.consumer(Group.RISK, [SIGNALS], self.on_signal, decoder=decode_signal, before_ack=self.decide_batch)
+        self.consumer(Group.RISK, [EXECUTIONS], self.on_execution, decoder=decoder_for(Execution).decode)
+        self.consumer(Group.RISK, [BALANCES], self.on_balance, decoder=decoder_for(Balance).decode)
+        for task in (self._follow_fx, self._sweep_expired, self._snapshot_loop, self._watch_reload,
+                     self._refresh_instruments, self._gauges):
+            self.background(task)
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on the main thread (tests)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_config)
+        self.ready.set()
+
+    async def teardown(self) -> None:
+        with contextlib.suppress(Exception):
+            if await self.state.initialised():
+                await asyncio.wait_for(self._snapshot("shutdown"), timeout=3)
+        await self.snapshots.close()
+
+    async def _ensure_state(self) -> None:
+        """Block until the shared state exists (restoring it if Redis lost it): never decide without it."""
+        attempt = 0
+        while not self.stopping:
+            try:
+                report = await self.recovery.ensure()
+                if report is not None and not report.fresh:
+                    m.RESTORES.inc()
+                    self._publish_alerts([Alert(
+                        alert_id=f"risk:restored:{time.time_ns()}", severity="warning", source="risk",
+                        kind="state_restored", ts_ns=time.time_ns(),
+                        message=(f"risk state was missing in Redis and was restored from snapshot "
+                                 f"{report.snapshot_id} plus {report.decisions} decisions, "
+                                 f"{report.executions} executions, {report.balances} balances replayed"),
+                    )])
+                self.degrade("")
+                return
+            except (psycopg.Error, OSError) as exc:
+                if not isinstance(exc, psycopg.Error) and not is_redis_down(exc):
+                    raise
+                attempt += 1
+                self.degrade(f"risk state missing and cannot be restored yet: {type(exc).__name__}")
+                if attempt == 1:
+                    log.error("cannot restore risk state, retrying", extra={"error": str(exc)})
+                await self.sleep(backoff_delay(attempt))
+            except Exception as exc:
+                if not is_redis_down(exc):
+                    raise
+                attempt += 1
+                await self.sleep(backoff_delay(attempt))
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_signal(self, d: Delivery) -> None:
+        """Stage one: decode and the stateless checks; the verdict waits for ``decide_batch``."""
+        started = time.perf_counter()
+        now_ns = time.time_ns()
+        msg = d.message
+        if isinstance(msg, UndecodableSignal):
+            verdict = self.book.reject_undecodable(msg.raw, msg.error, d.entry_id.decode(), now_ns)
+            self._pending.append(_Pending(None, None, verdict, now_ns, started))
+            return
+        try:
+            assessed = self.book.assess(msg, now_ns)
+        except Exception as exc:  # a bug must reject, never approve and never stop the service
+            m.INTERNAL_ERRORS.inc()
+            log.exception("checking a signal failed", extra={"signal_id": msg.signal_id})
+            assessed = Rejection(reasons.ERROR, f"could not be checked: {type(exc).__name__}: {exc}")
+        if isinstance(assessed, Rejection):
+            self._pending.append(_Pending(msg, None, self.book.rejected(msg, assessed, now_ns), now_ns, started))
+        else:
+            self._pending.append(_Pending(msg, assessed, None, now_ns, started))
+
+    async def decide_batch(self) -> None:
+        """Stage two, before the batch is acknowledged: check-and-reserve what passed, publish every verdict.
+
+        Safe to retry: the state answers a signal it already decided with the same verdict.
+        """
+        pending = self._pending
+        if not pending:
+            return
+        requests = [p.assessed.request for p in pending if p.assessed is not None]
+        outcomes = iter(await self._decide(requests))
+        for p in pending:  # no await from here on: a retry never publishes twice
+            if p.verdict is None:
+                assert p.signal is not None and p.assessed is not None
+                outcome = next(outcomes)
+                if isinstance(outcome, ResponseError):  # this signal's script failed: reject it, go on
+                    m.INTERNAL_ERRORS.inc()
+                    log.error("check-and-reserve failed", extra={"signal_id": p.signal.signal_id,
+                                                                 "error": str(outcome)})
+                    p.verdict = self.book.rejected(
+                        p.signal, Rejection(reasons.ERROR, f"risk state error: {outcome}"), p.now_ns)
+                else:
+                    p.verdict = self.book.decided(p.signal, p.assessed, outcome, p.now_ns)
+            self._publish(p.verdict)
+            m.DECISIONS.labels(p.verdict.decision.reason).inc()
+            m.DECISION_SECONDS.observe(time.perf_counter() - p.started)
+        self._pending = []
+
+    async def _decide(self, requests: list[DecideRequest]) -> list[DecideOutcome | ResponseError]:
+        for _ in range(2):
+            try:
+                t0 = time.perf_counter()
+                outcomes = await self.state.decide_many(requests)
+                if requests:
+                    m.RESERVE_SECONDS.observe(time.perf_counter() - t0)
+                return outcomes
+            except StateNotReady:
+                log.error("risk state missing in Redis: restoring before deciding again")
+                await self._ensure_state()
+        raise Retryable("risk state not restored yet")
+
+    async def _settle(self, request: SettleRequest) -> SettleOutcome:
+        for _ in range(2):
+            try:
+                return await self.state.settle(request)
+            except StateNotReady:
+                await self._ensure_state()
+        raise Retryable("risk state not restored yet")
+
+    def _publish(self, verdict: Verdict) -> None:
+        if verdict.intent is not None:
+            self.producer.publish(ORDERS, verdict.intent)
+        self.producer.publish(DECISIONS, verdict.decision)
+        self._publish_alerts(verdict.alerts)
+
+    def _publish_alerts(self, alerts: list[Alert]) -> None:
+        for alert in alerts:
+            self.producer.publish(ALERTS, alert)
+
+    async def on_execution(self, d: Delivery) -> None:
+        execution: Execution = d.message
+        request = self.book.settlement(execution)  # ValueError (PnL not a number): retried, then dead-lettered
+        outcome = await self._settle(request)
+        m.SETTLEMENTS.labels("duplicate" if outcome.duplicate else execution.status).inc()
+        if outcome.duplicate:
+            return
+        alerts = self.book.settled_alerts(execution, outcome)
+        for trigger in outcome.triggers:
+            m.GUARD_TRIGGERS.labels(trigger).inc()
+            log.warning("risk guard triggered", extra={"guard": trigger, "arb_id": execution.arb_id})
+        self._publish_alerts(alerts)
+
+    async def on_balance(self, d: Delivery) -> None:
+        balance: Balance = d.message
+        units = self.book.balance_units(balance)
+        if units is None:
+            m.BALANCE_UPDATES.labels("invalid").inc()
+            log.warning("balance is not a number", extra={"exchange": balance.exchange, "asset": balance.asset})
+            return
+        applied = await self.state.set_balance(balance.exchange, balance.asset, units, balance.ts_ns)
+        m.BALANCE_UPDATES.labels("applied" if applied else "older").inc()
+
+    # ------------------------------------------------------------------ market inputs
+
+    def _fx_pairs(self) -> list[str]:
+        ref = self.cfg.trading.reference_currency
+        quotes = {split_symbol(s)[1] for _, ex in self.cfg.exchanges.items() if ex.enabled for s in ex.symbols}
+        return sorted(f"{ref}/{q}" for q in quotes if q != ref)
+
+    async def _load_fx(self) -> None:
+        for pair in self._fx_pairs():
+            raw: Any = await self.bus.redis.get(self.bus.keys.fx_latest(pair))
+            if raw:
+                with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    self.book.on_fx(_fx.decode(raw))
+        last: Any = await self.bus.redis.xrevrange(self.bus.stream(FX), count=50)
+        for _, fields in reversed(last or []):
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                self.book.on_fx(_fx.decode(fields.get(FIELD, b"")))
+        self._fx_from = last[0][0].decode() if last else "0-0"
+
+    async def _follow_fx(self) -> None:
+        """Every replica reads every FX rate (XREAD, no group)."""
+        key = self.bus.stream(FX)
+        attempt = 0
+        while not self.stopping:
+            try:
+                reply: Any = await self.bus.redis.xread({key: self._fx_from}, count=500, block=500)
+                attempt = 0
+            except Exception as exc:
+                if not is_redis_down(exc):
+                    raise
+                attempt += 1
+                await self.sleep(backoff_delay(attempt))
+                continue
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    self._fx_from = entry_id.decode()
+                    try:
+                        self.book.on_fx(_fx.decode(fields.get(FIELD, b"")))
+                    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                        log.warning("bad fx message", extra={"entry": self._fx_from, "error": str(exc)})
+
+    async def _load_instruments(self) -> None:
+        """Instrument metadata from ``KeySpace.instruments(exchange)`` when the collector published it:
+        a hash of symbol -> Instrument JSON, or one JSON list of instruments."""
+        for exchange in self.limits.exchanges:
+            key = self.bus.keys.instruments(exchange)
+            kind: Any = await self.bus.redis.type(key)
+            kind = kind.decode() if isinstance(kind, bytes) else kind
+            found: list[Instrument] = []
+            try:
+                if kind == "hash":
+                    found = [_instrument.decode(v) for v in (await self.bus.redis.hgetall(key)).values()]
+                elif kind == "string":
+                    raw: Any = await self.bus.redis.get(key)
+                    found = _instruments.decode(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                log.warning("unreadable instruments, ignored", extra={"exchange": exchange, "error": str(exc)})
+                continue
+            if found:
+                self.book.set_instruments(exchange, found)
+
+    async def _refresh_instruments(self) -> None:
+        while await self.sleep(INSTRUMENTS_REFRESH_S):
+            with contextlib.suppress(Exception):
+                await self._load_instruments()
+
+    # ------------------------------------------------------------------ background
+
+    async def _sweep_expired(self) -> None:
+        while await self.sleep(SWEEP_INTERVAL_S):
+            try:
+                expired = await self.state.expire(time.time_ns() // 1_000_000, 256)
+            except StateNotReady:
+                continue
+            except Exception as exc:
+                if is_redis_down(exc):
+                    continue
+                raise
+            if expired:
+                m.EXPIRED.inc(len(expired))
+                log.info("reservations expired without an execution", extra={"count": len(expired)})
+
+    async def _snapshot(self, reason: str) -> None:
+        await self.snapshots.connect()  # no dump while PostgreSQL is down
+        dump = await self.state.dump(verdicts=False)
+        await self.snapshots.save(dump, reason)
+        self._last_snapshot_ns = time.time_ns()
+
+    async def _snapshot_loop(self) -> None:
+        """One replica (the lease holder) snapshots on change (coalesced) and every interval."""
+        lease = Lease(self.bus, self.bus.keys.lease(Group.RISK, "snapshots"), self.instance, SNAPSHOT_LEASE_MS)
+        held = False
+        last_version = -1
+        last_write = 0.0
+        written = 0
+        failures = 0
+        while await self.sleep(SNAPSHOT_POLL_S):
+            r = self.cfg.risk
+            try:
+                # renew first: a restarted replica with the same name takes its own lease back at once
+                held = await lease.renew() or await lease.acquire()
+                if not held:
+                    continue
+                version = await self.state.version()
+                now = time.monotonic()
+                changed = version != last_version and now - last_write >= r.snapshot_min_interval_ms / 1000
+                if not (changed or now - last_write >= r.snapshot_interval_s):
+                    continue
+                if failures and now - last_write < backoff_delay(failures):
+                    continue
+                if not await self.state.initialised():
+                    continue
+                await self._snapshot("change" if changed else "periodic")
+                last_version, last_write, failures = version, now, 0
+                written += 1
+                m.SNAPSHOTS.labels("ok").inc()
+                if self._snapshot_error:
+                    log.info("snapshots to PostgreSQL work again")
+                    self._snapshot_error = ""
+                    self.degrade("")
+                if written % 100 == 0:
+                    await self.snapshots.prune(r.snapshot_keep)
+            except (psycopg.Error, OSError) as exc:
+                if isinstance(exc, OSError) and is_redis_down(exc) and not isinstance(exc, psycopg.Error):
+                    continue
+                failures += 1
+                last_write = time.monotonic()
+                m.SNAPSHOTS.labels("failed").inc()
+                if not self._snapshot_error:
+                    log.error("risk snapshot to PostgreSQL failed; deciding goes on, retrying",
+                              extra={"error": f"{type(exc).__name__}: {exc}"})
+                self._snapshot_error = type(exc).__name__
+                self.degrade(f"risk snapshots failing: {self._snapshot_error}")
+            except Exception as exc:
+                if not is_redis_down(exc):
+                    raise
+        if held:
+            with contextlib.suppress(Exception):
+                await lease.release()
+
+    async def _watch_reload(self) -> None:
+        while await self.sleep(RELOAD_POLL_S):
+            try:
+                seen: Any = await self.bus.redis.get(self.state.keys.reload)
+            except Exception as exc:
+                if is_redis_down(exc):
+                    continue
+                raise
+            if seen != self._reload_seen:
+                self._reload_seen = seen
+                self.reload_config()
+
+    def reload_config(self) -> bool:
+        """Re-read the config; apply the new limits if valid, else refuse and keep the old ones."""
+        try:
+            cfg = load_config(self.config_path)
+            limits = RiskLimits.from_config(cfg)
+            for section in _RESTART_SECTIONS:
+                if getattr(cfg, section) != getattr(self.cfg, section):
+                    raise ConfigError(section, "changed: that needs a restart, not a reload", show_value=False)
+        except ConfigError as err:
+            m.RELOADS.labels("refused").inc()
+            log.error("config reload refused, the current limits stay", extra={"error": str(err)})
+            self._publish_alerts([Alert(alert_id=f"risk:reload:{time.time_ns()}", severity="warning",
+                                        source="risk", kind="config_reload_refused", ts_ns=time.time_ns(),
+                                        message=f"risk config reload refused: {err}")])
+            return False
+        self.cfg = cfg
+        self.limits = limits
+        self.book.set_limits(limits)
+        m.RELOADS.labels("applied").inc()
+        log.warning("risk limits reloaded", extra={"config": self.config_path or "(environment)"})
+        self._publish_alerts([Alert(alert_id=f"risk:reload:{time.time_ns()}", severity="info", source="risk",
+                                    kind="config_reloaded", ts_ns=time.time_ns(),
+                                    message="risk limits reloaded")])
+        return True
+
+    async def _gauges(self) -> None:
+        while await self.sleep(GAUGES_INTERVAL_S):
+            try:
+                summary = summarize(await self.state.overview(), self.limits, time.time_ns() // 1_000_000)
+            except Exception as exc:
+                if is_redis_down(exc):
+                    continue
+                raise
+            m.HALTED.set(1 if summary["halted"] else 0)
+            m.BREAKER_OPEN.set(1 if summary["circuit_breaker_until_ms"] else 0)
+            m.OPEN_ARBITRAGES.set(summary["open_arbitrages"])
+            m.EXPOSURE.labels("total", "all").set(summary["exposure"]["total"])
+            for scope in ("coins", "exchanges"):
+                for name, value in summary["exposure"][scope].items():
+                    m.EXPOSURE.labels(scope[:-1], name).set(value)
+            m.DAILY_PNL.set(summary["pnl"]["daily_realised"])
+            m.EQUITY.set(summary["equity"])
+            m.DRAWDOWN.set(summary["drawdown"])
+            m.LOSS_STREAK.set(summary["loss_streak"])
+
+    async def extra_health(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"snapshots": {
+            "last_age_s": round((time.time_ns() - self._last_snapshot_ns) / 1e9, 1) if self._last_snapshot_ns
+            else None, "error": self._snapshot_error or None}}
+        with contextlib.suppress(Exception):
+            state: Any = await asyncio.wait_for(self.bus.redis.get(self.state.keys.halt), timeout=1)
+            doc["halted"] = json.loads(state) if state else None
+        return doc
