@@ -143,6 +143,27 @@ async def test_insufficient_or_unknown_balance_is_rejected(start_risk: StartRisk
     assert "no balance known" in detail
 
 
+async def test_amounts_planned_for_withdrawal_are_not_available_to_trade(start_risk: StartRisk) -> None:
+    risk = await start_risk(require_balances=True)
+    now = time.time_ns()
+    await risk.publish(BALANCES, Balance(exchange="binance", asset="USDT", free=Decimal("1000"), ts_ns=now),
+                       Balance(exchange="okx", asset="BTC", free=Decimal("0.05"), ts_ns=now))
+    await risk.until(lambda: _balances_known(risk, 2))
+    # The rebalancer plans to withdraw 500 USDT from binance: 500 left, less than the 600.6 needed.
+    await risk.bus.redis.hset(risk.bus.keys.transfers_in_flight("binance"), "outgoing:USDT", "500")
+    await risk.until(lambda: _binance_usdt_is(risk, 500))
+    detail = await assert_rejected(risk, spatial(), reasons.BALANCE)
+    assert "binance:USDT" in detail
+    await risk.bus.redis.delete(risk.bus.keys.transfers_in_flight("binance"))  # transfer cancelled
+    await risk.until(lambda: _binance_usdt_is(risk, 1000))
+    await approve(risk, spatial())
+
+
+async def _binance_usdt_is(risk: RiskHarness, usdt: int) -> bool:
+    raw = await risk.bus.redis.hget(risk.service.state.keys.balances, "b:binance:USDT")
+    return raw is not None and int(raw) == usdt * 10**8  # risk counts in 1e-8 units
+
+
 async def _balances_known(risk: RiskHarness, n: int) -> bool:
     return len(await risk.bus.redis.hgetall(risk.service.state.keys.balances)) == 2 * n
 

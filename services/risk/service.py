@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -116,6 +117,8 @@ class RiskService(Service):
         self._reload_seen: bytes | None = None
         self._last_snapshot_ns = 0
         self._snapshot_error = ""
+        self._balances: dict[tuple[str, str], Balance] = {}
+        self._outgoing: dict[tuple[str, str], Decimal] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,7 +134,7 @@ class RiskService(Service):
         self.consumer(Group.RISK, [EXECUTIONS], self.on_execution, decoder=decoder_for(Execution).decode)
         self.consumer(Group.RISK, [BALANCES], self.on_balance, decoder=decoder_for(Balance).decode)
         for task in (self._follow_fx, self._sweep_expired, self._snapshot_loop, self._watch_reload,
-                     self._refresh_instruments, self._gauges):
+                     self._refresh_instruments, self._gauges, self._follow_transfers_in_flight):
             self.background(task)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on the main thread (tests)
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_config)
@@ -269,13 +272,49 @@ class RiskService(Service):
 
     async def on_balance(self, d: Delivery) -> None:
         balance: Balance = d.message
-        units = self.book.balance_units(balance)
-        if units is None:
+        if not balance.free.is_finite():
             m.BALANCE_UPDATES.labels("invalid").inc()
             log.warning("balance is not a number", extra={"exchange": balance.exchange, "asset": balance.asset})
             return
+        self._balances[(balance.exchange, balance.asset)] = balance
+        await self._apply_balance(balance)
+
+    async def _apply_balance(self, balance: Balance) -> None:
+        """What can be traded: the free balance minus what planned transfers will take out of it."""
+        outgoing = self._outgoing.get((balance.exchange, balance.asset), Decimal(0))
+        free = max(Decimal(0), balance.free - outgoing)
+        units = self.book.balance_units(msgspec.structs.replace(balance, free=free) if outgoing else balance)
+        assert units is not None
         applied = await self.state.set_balance(balance.exchange, balance.asset, units, balance.ts_ns)
         m.BALANCE_UPDATES.labels("applied" if applied else "older").inc()
+
+    async def _follow_transfers_in_flight(self) -> None:
+        """Amounts the rebalancer has planned to withdraw are not available to trade.
+
+        The rebalancer rewrites ``transfers_in_flight`` hashes (``outgoing:<ASSET>``) every round;
+        each replica re-applies the balances it knows when they change. The Lua state keeps the
+        newest balance by its exchange timestamp, so a replica with an older view changes nothing.
+        """
+        exchanges = [name for name, _ in self.cfg.exchanges.items()]
+        while not self.stopping:
+            with contextlib.suppress(Exception):
+                pipe = self.bus.redis.pipeline(transaction=False)
+                for exchange in exchanges:
+                    pipe.hgetall(self.bus.keys.transfers_in_flight(exchange))
+                replies: Any = await pipe.execute()
+                outgoing: dict[tuple[str, str], Decimal] = {}
+                for exchange, fields in zip(exchanges, replies, strict=True):
+                    for field, value in (fields or {}).items():
+                        name = field.decode() if isinstance(field, bytes) else str(field)
+                        if name.startswith("outgoing:"):
+                            with contextlib.suppress(ArithmeticError, ValueError):
+                                outgoing[(exchange, name.removeprefix("outgoing:"))] = Decimal(value.decode())
+                changed = {k for k in set(outgoing) | set(self._outgoing) if outgoing.get(k) != self._outgoing.get(k)}
+                self._outgoing = outgoing
+                for key in changed:
+                    if key in self._balances:
+                        await self._apply_balance(self._balances[key])
+            await self.sleep(1.0)
 
     # ------------------------------------------------------------------ market inputs
 
