@@ -24,8 +24,8 @@ import psycopg
 import pytest
 import redis
 import yaml
+from arb_stack import ALL_SERVICES, running_stack
 from conftest import drop_redis_namespace
-from stack_helpers import ALL_SERVICES, running_stack
 
 from shared.embedded import free_port
 from shared.models import Alert, encode

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from stack_helpers import ALL_SERVICES, running_stack
+from arb_stack import ALL_SERVICES, running_stack
 
 from shared.embedded import free_port, start_redis
 from shared.models import Alert, encode
@@ -122,7 +122,7 @@ def test_the_container_healthcheck_is_the_service_own_health_endpoint(
     import subprocess
     import sys
 
-    from stack_helpers import ARB
+    from arb_stack import ARB
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
