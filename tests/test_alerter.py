@@ -157,7 +157,8 @@ async def test_alerts_reach_telegram_once_each_within_the_rate_limit_and_the_tok
     times = [t for t, _ in telegram.received]
     for i in range(len(times)):
         for j in range(i + 1, len(times)):
-            assert j - i + 1 <= burst + (times[j] - times[i] + 0.05) / interval, (i, j, times)
+            # 0.2 s for the HTTP leg after the slot was taken (a loaded machine)
+            assert j - i + 1 <= burst + (times[j] - times[i] + 0.2) / interval, (i, j, times)
 
     # after the 429 (second request) nothing was sent before its retry_after of 1 s
     assert telegram.request_times[2] - telegram.request_times[1] >= 0.95
@@ -284,9 +285,9 @@ async def test_unreachable_telegram_is_retryable_and_its_error_carries_no_token(
 
 
 async def test_rate_limiter_allows_a_burst_then_one_per_interval(bus: Bus) -> None:
-    limiter = RateLimiter(bus, "probe", per_minute=600, burst=3)  # 0.1 s apart after 3
+    limiter = RateLimiter(bus, "probe", per_minute=120, burst=3)  # 0.5 s apart after 3
     waits = [await limiter.acquire() for _ in range(4)]
-    assert waits[:3] == [0.0, 0.0, 0.0] and 0.05 < waits[3] <= 0.1
+    assert waits[:3] == [0.0, 0.0, 0.0] and 0.2 < waits[3] <= 0.5
     await asyncio.sleep(waits[3])
     assert await limiter.acquire() == 0.0
     await limiter.hold_off(1.0)
