@@ -9,7 +9,6 @@ service is expected. Instances are found through their heartbeats either way.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from shared.config import Config
 from shared.models import Heartbeat
 from shared.runtime import Bus
 from shared.service import HEARTBEAT_MAX_AGE_S
-from shared.status import heartbeats
+from shared.status import base_url, heartbeats
 from shared.streams import KeySpace
 
 GONE_AFTER_S = 3 * HEARTBEAT_MAX_AGE_S
@@ -68,9 +67,7 @@ class Instance:
 
     @property
     def base_url(self) -> str:
-        """Where its /health and /metrics are: the address its heartbeat advertises."""
-        host = "127.0.0.1" if self.beat.host in ("", socket.gethostname()) else self.beat.host
-        return f"http://{host}:{self.beat.http_port}"
+        return base_url(self.beat)
 
 
 async def instances(bus: Bus, *, include_gone: bool = False) -> list[Instance]:
