@@ -435,6 +435,32 @@ class RebalancerSettings(_Section, frozen=True):
         return None
 
 
+class AlerterSettings(_Section, frozen=True):
+    sinks: tuple[Name, ...] = ("log", "telegram")
+    """Where alerts go; a sink whose settings are missing (e.g. no bot token) reports itself disabled."""
+    min_severity: Literal["info", "warning", "critical"] = "info"
+    telegram_chat_id: str = ""
+    telegram_api_url: str = "https://api.telegram.org"
+    """Bot API base URL (the bot token comes from $TELEGRAM_BOT_TOKEN, never from config)."""
+    telegram_timeout_s: PosFloat = 10.0
+    dedupe_window_s: PosFloat = 300.0
+    """An alert with the same kind, source, severity and labels is sent once per window."""
+    rate_per_minute: PosInt = 20
+    """Messages per minute per sink (Telegram allows about 20 per minute in a group chat)."""
+    rate_burst: PosInt = 5
+
+
+class OpsSettings(_Section, frozen=True):
+    redis_ping_warn_ms: PosFloat = 30.0
+    consumer_lag_warn: NonNegInt = 1_000
+    consumer_lag_max: NonNegInt = 10_000
+    """`arb health` fails when a consumer group is this many entries behind."""
+    check_timeout_s: PosFloat = 2.0
+    log_to_postgres: bool = True
+    """Ship WARNING+ log records to PostgreSQL ``system_logs`` (read by `arb monitor --errors`)."""
+    log_to_postgres_level: Literal["WARNING", "ERROR"] = "WARNING"
+
+
 class Config(_Section, frozen=True):
     env: Env = "development"
     session: Name = "default"
@@ -452,6 +478,8 @@ class Config(_Section, frozen=True):
     risk: RiskSettings = RiskSettings()
     executor: ExecutorSettings = ExecutorSettings()
     rebalancer: RebalancerSettings = RebalancerSettings()
+    alerter: AlerterSettings = AlerterSettings()
+    ops: OpsSettings = OpsSettings()
 
 
 SERVICE_PORT_OFFSETS = {name: i + 1 for i, name in enumerate(SERVICES)}
@@ -702,6 +730,12 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
             raise ConfigError(f"detector.stat_pairs[{i}].name", "must be unique", pair.name)
         seen_pairs.add(pair.name)
     _validate_rebalancer(cfg.rebalancer)
+    if cfg.ops.consumer_lag_warn > cfg.ops.consumer_lag_max:
+        raise ConfigError(
+            "ops.consumer_lag_warn", f"must be <= ops.consumer_lag_max ({cfg.ops.consumer_lag_max})",
+            cfg.ops.consumer_lag_warn,
+        )
+    _url_rule("alerter.telegram_api_url", cfg.alerter.telegram_api_url, ("http://", "https://"))
     if cfg.env == "production" and cfg.clickhouse.url.startswith("chdb://"):
         raise ConfigError("clickhouse.url", "must be a ClickHouse server (http://) in production", cfg.clickhouse.url)
 

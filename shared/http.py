@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -10,19 +10,25 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
+RouteHandler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Route = tuple[str, str, RouteHandler]
+"""(method, path, handler): an endpoint a service adds next to /metrics and /health."""
 
 
 class HttpServer:
-    def __init__(self, host: str, port: int, health: HealthFn) -> None:
+    def __init__(self, host: str, port: int, health: HealthFn, routes: Sequence[Route] = ()) -> None:
         self.host = host
         self.port = port
         self._health = health
+        self._routes = list(routes)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> int:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/health", self._health_view)
+        for method, path, handler in self._routes:
+            app.router.add_route(method, path, handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)

@@ -47,8 +47,19 @@ class JsonFormatter(logging.Formatter):
         self.session = session
         self.redactor = redactor
         self._encoder = msgspec.json.Encoder()
+        self._key = (service, session, id(redactor))
 
     def format(self, record: logging.LogRecord) -> str:
+        # Redaction is most of the cost: a record shipped to more than one place (stdout and
+        # PostgreSQL) is formatted once per formatter setup, not once per handler.
+        cached = record.__dict__.get("_json_line")
+        if cached is not None and cached[0] == self._key:
+            return str(cached[1])
+        text = self._format(record)
+        record.__dict__["_json_line"] = (self._key, text)
+        return text
+
+    def _format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,

@@ -46,3 +46,9 @@ CONSUMER_PENDING = Gauge(
 SERVICE_UP = Gauge("arb_service_up", "1 while the service runs", ["service"])
 SERVICE_START_TIME = Gauge("arb_service_start_time_seconds", "Unix time the service started", ["service"])
 LEASES_HELD = Gauge("arb_leases_held", "Stream leases held by this replica", ["group"])
+STREAM_LENGTH = Gauge("arb_stream_length", "Entries in a stream this service reads (XLEN)", ["stream"])
+DLQ_LENGTH = Gauge("arb_dlq_length", "Entries in dlq.<stream>, by the stream they came from", ["stream"])
+LOG_RECORDS = Counter("arb_log_records_total", "Log records at WARNING or above, by level", ["level"])
+LOG_RECORDS_DROPPED = Counter(
+    "arb_log_records_dropped_total", "WARNING+ log records not stored in PostgreSQL (queue full or database away)"
+)

@@ -21,14 +21,15 @@ from typing import Any, ClassVar
 
 from shared import metrics
 from shared.config import Config, ConfigError, Secrets, load_config, service_port
-from shared.http import HttpServer
+from shared.http import HttpServer, Route
 from shared.logs import setup_logging
 from shared.models import Heartbeat, encode
+from shared.ops.logstore import attach_log_handlers
 from shared.runtime import Bus, Consumer, Delivery, Producer, default_consumer_name, is_redis_down
 from shared.runtime.bus import wait_event
 from shared.runtime.inspect import stream_stats
 from shared.runtime.trim import trim_acknowledged
-from shared.streams import policy
+from shared.streams import dlq, policy
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ class Service:
     async def extra_health(self) -> dict[str, Any]:
         return {}
 
+    def http_routes(self) -> list[Route]:
+        """Endpoints served next to /metrics and /health (e.g. a webhook)."""
+        return []
+
     # ------------------------------------------------------------------ lifecycle
 
     def stop(self) -> None:
@@ -116,7 +121,8 @@ class Service:
     async def main(self) -> None:
         metrics.SERVICE_UP.labels(self.name).set(1)
         metrics.SERVICE_START_TIME.labels(self.name).set(self.started_ns / 1e9)
-        self.http = HttpServer(self.cfg.http.host, service_port(self.cfg, self.name), self.health)
+        self.http = HttpServer(self.cfg.http.host, service_port(self.cfg, self.name), self.health,
+                               self.http_routes())
         port = await self.http.start()
         log.info("service starting", extra={"instance": self.instance, "http_port": port})
         try:
@@ -155,6 +161,7 @@ class Service:
 
     async def _heartbeats(self) -> None:
         key = self.bus.keys.heartbeats()
+        host = self._advertised_host()
         while not self.stopping:
             hb = Heartbeat(
                 service=self.name,
@@ -164,7 +171,7 @@ class Service:
                 started_ns=self.started_ns,
                 status="degraded" if self._degraded else "ok",
                 http_port=self.http.port if self.http else 0,
-                host=socket.gethostname(),
+                host=host,
             )
             try:
                 await self.bus.redis.hset(key, self.instance, encode(hb))
@@ -172,6 +179,17 @@ class Service:
                 if not is_redis_down(exc):
                     raise
             await self.sleep(HEARTBEAT_INTERVAL_S)
+
+    def _advertised_host(self) -> str:
+        """Where other processes reach this one's /health and /metrics: the bound address, or
+        this host's own address when bound to all interfaces (a container's IP in compose)."""
+        host = self.cfg.http.host
+        if host not in ("0.0.0.0", "::", ""):
+            return host
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return socket.gethostname()
 
     async def _lag_metrics(self) -> None:
         while not self.stopping:
@@ -192,6 +210,9 @@ class Service:
         for c in self.consumers:
             for stream in c.streams:
                 stats = await stream_stats(self.bus, stream)
+                if stats is not None:
+                    metrics.STREAM_LENGTH.labels(stream).set(stats.length)
+                metrics.DLQ_LENGTH.labels(stream).set(await self.bus.redis.xlen(self.bus.stream(dlq(stream))))
                 for g in stats.groups if stats else ():
                     if g.group == c.group:
                         metrics.CONSUMER_LAG.labels(stream, g.group).set(g.lag)
@@ -235,7 +256,8 @@ def run_service(cls: type[Service], argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    setup_logging(cls.name, cfg.session, cfg.log.level, secrets.redaction_values())
+    redactor = setup_logging(cls.name, cfg.session, cfg.log.level, secrets.redaction_values())
+    log_handlers = attach_log_handlers(cfg, cls.name, redactor)
     service = cls(cfg, secrets, instance=args.instance)
     install_event_loop_policy()
 
@@ -245,7 +267,13 @@ def run_service(cls: type[Service], argv: list[str] | None = None) -> None:
             loop.add_signal_handler(sig, service.stop)
         await service.main()
 
-    asyncio.run(_run())
+    try:
+        asyncio.run(_run())
+    except ConfigError as err:  # refused by the service's own setup()
+        print(f"config error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        log_handlers.close()
 
 
 def install_event_loop_policy() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,17 @@ async def heartbeats(bus: Bus) -> list[Heartbeat]:
     return out
 
 
+def base_url(hb: Heartbeat) -> str:
+    """Where an instance serves /health and /metrics: the address its heartbeat advertises
+    (a container's IP under compose), or this machine."""
+    host = "127.0.0.1" if hb.host in ("", socket.gethostname()) else hb.host
+    return f"http://{host}:{hb.http_port}"
+
+
 async def fetch_health(session: aiohttp.ClientSession, hb: Heartbeat) -> dict[str, Any]:
     if not hb.http_port:
         return {"status": "unknown", "error": "no http port"}
-    url = f"http://127.0.0.1:{hb.http_port}/health"
+    url = f"{base_url(hb)}/health"
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
             doc: dict[str, Any] = await resp.json()

@@ -114,7 +114,7 @@ class Consumer:
         self._next_prune = time.monotonic() + 60.0
         self._outage = 0
         self.handled = 0
-        self._children: dict[str, tuple[Any, Any]] = {}
+        self._children: dict[str, tuple[Any, Any, Any]] = {}
         self.last_read_ns = 0
 
     # ------------------------------------------------------------------ membership
@@ -267,12 +267,14 @@ class Consumer:
             if entry.deliveries > self.max_deliveries:
                 dead.append((entry, self._errors.pop(entry.entry_id, f"delivered {entry.deliveries} times")))
                 continue
-            counted, hop = self._metrics(entry.stream)
+            counted, hop, handle_time = self._metrics(entry.stream)
             counted.inc()
             published = getattr(message, "ts_pub_ns", 0) or getattr(message, "ts_ns", 0)
             if published:
                 hop.observe(max(0, time.time_ns() - published) / 1e9)
+            started = time.perf_counter()
             ok = await self._handle(Delivery(entry.stream, entry.entry_id, message, entry.deliveries))
+            handle_time.observe(time.perf_counter() - started)
             if ok is None:  # stopping while a dependency is down: leave the rest pending
                 break
             if ok:
@@ -283,12 +285,13 @@ class Consumer:
                 dead.append((entry, self._errors.pop(entry.entry_id, "handler failed")))
         await self._commit(acks, dead)
 
-    def _metrics(self, stream: str) -> tuple[Any, Any]:
+    def _metrics(self, stream: str) -> tuple[Any, Any, Any]:
         children = self._children.get(stream)
         if children is None:
             children = self._children[stream] = (
                 metrics.MESSAGES_IN.labels(stream, self.group),
                 metrics.HOP_LATENCY.labels(stream, self.group),
+                metrics.HANDLE_SECONDS.labels(stream, self.group),
             )
         return children
 

@@ -1,0 +1,1 @@
+"""Operating the system: `arb health`, `arb streams`, `arb monitor`, and where logs are kept."""
