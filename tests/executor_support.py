@@ -106,3 +106,75 @@ def encode_instrument(instrument: Instrument) -> bytes:
 def decimals(doc: Any) -> Any:
     """JSON numbers/strings of a recorded payload as Decimal (for expectations)."""
     return json.loads(json.dumps(doc), parse_float=Decimal)
+
+
+# --------------------------------------------------------------------------- service processes
+
+
+def executor_env(service_env: dict[str, str], **settings: Any) -> dict[str, str]:
+    """``service_env`` plus executor settings as ``ARB_EXECUTOR__*`` (JSON for tables)."""
+    env = dict(service_env)
+    for key, value in settings.items():
+        env[f"ARB_EXECUTOR__{key.upper()}"] = json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return env
+
+
+def start_executor(env: dict[str, str], instance: str = "") -> Any:
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "services.executor"] + (["--instance", instance] if instance else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: Any, timeout: float = 10.0) -> str:
+    """SIGTERM, then SIGKILL if it hangs; returns what it printed."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    out = proc.stdout.read() if proc.stdout else b""
+    return out.decode(errors="replace")
+
+
+def service_bus(redis_url: str, namespace: str, env: str = "development") -> Bus:
+    """The bus as a service running with ``service_env`` sees it (session = namespace)."""
+    from shared.streams import KeySpace
+
+    return Bus.from_url(redis_url, prefix=f"{namespace}:", keys=KeySpace(env, namespace))
+
+
+async def publish_intents(bus: Bus, intents: list[OrderIntent]) -> list[bytes]:
+    from shared.runtime import FIELD
+    from shared.streams import ORDERS
+
+    pipe = bus.redis.pipeline(transaction=False)
+    for intent in intents:
+        pipe.xadd(bus.stream(ORDERS), {FIELD: encode(intent)})
+    return list(await pipe.execute())
+
+
+async def read_stream(bus: Bus, stream: str) -> list[Any]:
+    from shared.models import decode
+    from shared.runtime import FIELD
+
+    entries = await bus.redis.xrange(bus.stream(stream))
+    return [decode(fields[FIELD]) for _, fields in entries]
+
+
+async def wait_for(predicate: Any, timeout: float, interval: float = 0.05, what: str = "condition") -> Any:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)

@@ -89,7 +89,7 @@ async def make_rig(bus: Bus, pg_url: str, namespace: str) -> AsyncIterator[Calla
         server = OrderSimulatorServer(order_app(binance=binance, upbit=upbit))
         url = await server.start()
         cfg, secrets = live_config(namespace, url, keys, **executor)
-        venues = build_live_venues(cfg, secrets)
+        venues = build_live_venues(cfg, secrets, bus)
         db = Database(pg_url)
         handler = IntentHandler(cfg, db=db, market=MarketData(bus, cfg), live=venues)
         await put_market(bus, binance=BINANCE, upbit=UPBIT)
@@ -256,10 +256,32 @@ async def test_the_simulator_bans_a_client_that_ignores_retry_after(make_rig) ->
     rig.binance.inject(Fault("http_429", retry_after_s=5.0))
     with pytest.raises(Throttled):
         await venue._place(order, time.time_ns() + 10**9)
-    venue.limiter.blocked_until = 0.0  # a client that ignores Retry-After
+    venue.limiter.blocked_until, venue.budget = 0.0, None  # a client that ignores Retry-After
     with pytest.raises(Throttled):
         await venue._place(order, time.time_ns() + 10**9)
     assert rig.binance.requests["banned"] == 1 and not rig.binance.submissions
+
+
+async def test_a_429_seen_by_one_replica_holds_back_the_others(make_rig, bus) -> None:  # type: ignore[no-untyped-def]
+    """Replicas spend one budget: after a 429 on one, another does not send before Retry-After."""
+    rig = await make_rig(unknown_order_grace_ms=3000)
+    other = build_live_venues(rig.handler.cfg, Secrets.load({k: v for k, v in zip(
+        ("BINANCE_API_KEY", "BINANCE_API_SECRET", "UPBIT_API_KEY", "UPBIT_API_SECRET"), rig.secrets, strict=True)}),
+        bus)["binance"]
+    try:
+        first, second = spatial_intent(), spatial_intent()
+        rig.binance.inject(Fault("http_429", client_order_id=f"{first.arb_id}b", retry_after_s=1.0))
+        order_1 = await rig.handler._prepare(first.legs[0], "entry")
+        order_2 = await rig.handler._prepare(second.legs[0], "entry")
+        with pytest.raises(Throttled):
+            await rig.handler.live["binance"]._place(order_1, time.time_ns() + 3 * 10**9)
+        started = time.monotonic()
+        result = await other.submit(order_2, time.time_ns() + 3 * 10**9)  # a replica that never saw the 429
+        assert result.status == "FILLED"
+        assert time.monotonic() - started >= 0.9
+        assert rig.binance.requests["banned"] == 0
+    finally:
+        await other.close()
 
 
 async def test_a_bad_signature_is_refused_by_the_exchange_and_the_leg_is_handled(make_rig) -> None:  # type: ignore[no-untyped-def]

@@ -14,11 +14,17 @@ The core is synchronous and takes ``now`` (seconds, wall clock) as an argument.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from shared.runtime import is_redis_down
+
+log = logging.getLogger(__name__)
 
 _REMAINING_SEC = re.compile(r"sec=(\d+)")
 
@@ -93,3 +99,65 @@ def _seconds(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+class SharedBudget:
+    """A venue's request budget and back-off, shared by every executor replica through Redis.
+
+    Exchanges count per IP or per account, not per process: replicas must spend one budget,
+    and a 429 seen by one must hold back all of them (the others sending on is what earns the
+    418 ban). Each request takes its weight from a counter of the exchange's current fixed
+    window (Lua, atomic); a 429/418 stores the end of the back-off for everyone. Both keys of
+    one venue share a hash tag. When Redis is unreachable the local limiter alone decides.
+    """
+
+    _TAKE = """
+    local now = tonumber(ARGV[1])
+    local blocked = tonumber(redis.call('GET', KEYS[1]) or '0')
+    if blocked > now then return blocked - now end
+    local weight = tonumber(ARGV[2])
+    local used = redis.call('INCRBY', KEYS[2], weight)
+    if used == weight then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
+    if used > tonumber(ARGV[3]) then
+      redis.call('DECRBY', KEYS[2], weight)
+      return math.max(1, tonumber(ARGV[4]) - now)
+    end
+    return 0
+    """
+    _BLOCK = """
+    if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then
+      redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    end
+    return 0
+    """
+
+    def __init__(self, redis: Any, key: Callable[[str, str], str]) -> None:
+        self.redis = redis
+        self.key = key
+        """(limiter name, field) -> Redis key; the fields of one limiter must share a hash tag."""
+        self._take = redis.register_script(self._TAKE)
+        self._block = redis.register_script(self._BLOCK)
+
+    async def take(self, limiter: RateLimiter, weight: int, now: float) -> float:
+        """Seconds to wait before sending (0: the weight is taken, send now)."""
+        window = int(now // limiter.window_s)
+        window_end_ms = int((window + 1) * limiter.window_s * 1000)
+        try:
+            wait_ms = await self._take(
+                keys=[self.key(limiter.name, "blocked"), self.key(limiter.name, f"w{window}")],
+                args=[int(now * 1000), weight, limiter.capacity, window_end_ms,
+                      int(limiter.window_s * 1000) + 1000])
+        except Exception as exc:
+            if not is_redis_down(exc):
+                raise
+            log.warning("shared rate budget unavailable, limiting locally", extra={"limiter": limiter.name})
+            return 0.0
+        return int(wait_ms) / 1000
+
+    async def block(self, limiter: RateLimiter, until: float, now: float) -> None:
+        try:
+            await self._block(keys=[self.key(limiter.name, "blocked")],
+                              args=[int(until * 1000), max(1, int((until - now) * 1000) + 1000)])
+        except Exception as exc:
+            if not is_redis_down(exc):
+                raise

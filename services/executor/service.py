@@ -21,6 +21,7 @@ from services.executor.execution import IntentHandler, decode_intent
 from services.executor.fills import FillSimulator
 from services.executor.ledger import Database
 from services.executor.markets import MarketData
+from services.executor.ratelimit import SharedBudget
 from services.executor.venues.base import HttpVenue
 from services.executor.venues.binance import BinanceVenue
 from services.executor.venues.paper import PaperVenue
@@ -28,9 +29,9 @@ from services.executor.venues.upbit import UpbitVenue
 from shared import metrics
 from shared.config import Config, Secrets
 from shared.ledger import seed_balances
-from shared.runtime import Delivery, Retryable
+from shared.runtime import Bus, Delivery, Retryable
 from shared.service import Service
-from shared.streams import ALERTS, BALANCES, EXECUTIONS, FILLS, ORDER_UPDATES, ORDERS, Group
+from shared.streams import ALERTS, BALANCES, EXECUTIONS, FILLS, ORDER_UPDATES, ORDERS, Domain, Group
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +46,19 @@ INTENT_SECONDS = Histogram("arb_executor_intent_seconds", "Time to execute one i
 DEFAULT_REST_URLS = {"binance": "https://api.binance.com", "upbit": "https://api.upbit.com"}
 
 
-def build_live_venues(cfg: Config, secrets: Secrets) -> dict[str, HttpVenue]:
-    """Signed REST venues for the exchanges whose API key and secret are configured."""
+def build_live_venues(cfg: Config, secrets: Secrets, bus: Bus | None = None) -> dict[str, HttpVenue]:
+    """Signed REST venues for the exchanges whose API key and secret are configured; with a
+    bus, their rate budgets and back-offs are shared with the other replicas."""
     ex = cfg.executor
+    budget = None
+    if bus is not None:
+        budget = SharedBudget(bus.redis, lambda name, field: bus.keys.tagged(Domain.COOLDOWN, name, field))
     common: dict[str, Any] = dict(
         request_timeout_s=ex.request_timeout_ms / 1000,
         clock_margin_ns=ex.clock_margin_ms * 1_000_000,
         poll_interval_s=ex.fill_poll_interval_ms / 1000,
         poll_timeout_s=ex.fill_poll_timeout_ms / 1000,
+        budget=budget,
     )
     venues: dict[str, HttpVenue] = {}
     for name in ("binance", "upbit"):
@@ -80,7 +86,7 @@ class ExecutorService(Service):
         self.live: dict[str, HttpVenue] = {}
         paper: PaperVenue | None = None
         if cfg.trading.mode == "live":
-            self.live = build_live_venues(cfg, self.secrets)
+            self.live = build_live_venues(cfg, self.secrets, self.bus)
             log.info("live trading", extra={"venues": sorted(self.live)})
         else:
             simulator = FillSimulator(latency_ns=int(cfg.executor.order_latency_ms * 1_000_000),

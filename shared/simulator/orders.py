@@ -231,14 +231,17 @@ class OrderSimulatorServer:
             self._runner = None
 
 
-def order_app(*, binance: SimulatedExchange | None = None, upbit: SimulatedExchange | None = None) -> web.Application:
+def order_app(*, binance: SimulatedExchange | None = None, upbit: SimulatedExchange | None = None,
+              binance_weight_per_minute: int = 6000, upbit_orders_per_second: int = 8,
+              upbit_requests_per_second: int = 30) -> web.Application:
     """An aiohttp application with the order routes of each given exchange (paths do not collide)."""
     from shared.simulator.orders_binance import add_binance_routes
     from shared.simulator.orders_upbit import add_upbit_routes
 
     app = web.Application()
     if binance is not None:
-        add_binance_routes(app, binance)
+        add_binance_routes(app, binance, weight_per_minute=binance_weight_per_minute)
     if upbit is not None:
-        add_upbit_routes(app, upbit)
+        add_upbit_routes(app, upbit, orders_per_second=upbit_orders_per_second,
+                         requests_per_second=upbit_requests_per_second)
     return app

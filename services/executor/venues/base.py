@@ -25,7 +25,7 @@ import msgspec
 
 from services.executor.markets import PreparedOrder
 from services.executor.orders import TERMINAL
-from services.executor.ratelimit import RateLimiter
+from services.executor.ratelimit import RateLimiter, SharedBudget
 from shared.models import OrderStatus
 
 ZERO = Decimal(0)
@@ -94,6 +94,7 @@ class HttpVenue(ABC):
         clock_margin_ns: int,
         poll_interval_s: float,
         poll_timeout_s: float,
+        budget: SharedBudget | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -101,6 +102,8 @@ class HttpVenue(ABC):
         self.clock_margin_ns = clock_margin_ns
         self.poll_interval_s = poll_interval_s
         self.poll_timeout_s = poll_timeout_s
+        self.budget = budget
+        """Rate budget shared with the other replicas (None: this process counts alone)."""
         self.clock_ns = clock_ns
         self._session: aiohttp.ClientSession | None = None
         self.sent = 0
@@ -127,7 +130,12 @@ class HttpVenue(ABC):
     async def _acquire(self, limiter: RateLimiter, weight: int, deadline_ns: int | None = None) -> None:
         while True:
             now = self.clock_ns() / 1e9
-            wait = limiter.wait_time(weight, now)
+            if self.budget is None:
+                wait = limiter.wait_time(weight, now)
+            else:  # the shared budget counts everyone's requests; locally only the back-off is kept
+                wait = max(0.0, limiter.blocked_until - now)
+                if wait <= 0:
+                    wait = await self.budget.take(limiter, weight, now)
             if wait <= 0:
                 limiter.record(weight, now)
                 return
@@ -142,7 +150,11 @@ class HttpVenue(ABC):
         await self._acquire(limiter, weight, deadline_ns)
         async with self.session.request(method, url, headers=dict(headers), data=data) as resp:
             body = await resp.read()
-            limiter.on_response(resp.status, resp.headers, self.clock_ns() / 1e9)
+            now = self.clock_ns() / 1e9
+            blocked = limiter.blocked_until
+            limiter.on_response(resp.status, resp.headers, now)
+            if self.budget is not None and limiter.blocked_until > blocked:
+                await self.budget.block(limiter, limiter.blocked_until, now)
             if resp.status in (429, 418):
                 raise Throttled(f"{self.name}: HTTP {resp.status}")
             if resp.status >= 500:
