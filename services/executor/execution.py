@@ -38,6 +38,7 @@ import psycopg
 from psycopg import AsyncConnection
 
 from services.executor import ledger
+from services.executor.fills import fill_deltas
 from services.executor.legs import Action, LegPosition, LegRiskPolicy, classify, residuals
 from services.executor.markets import MarketData, PreparedOrder, Role, best_prices, bounded_to_tick, prepare
 from services.executor.orders import TERMINAL
@@ -274,11 +275,13 @@ class IntentHandler:
         assert self.paper is not None
         sent = self.clock_ns()
         arrivals = await asyncio.gather(*(self.paper.arrive(o, sent) for o in orders))
-        for o, (book, arrival) in zip(orders, arrivals, strict=True):
-            base, quote = split_symbol(o.leg.symbol)
-            async with conn.transaction():
-                balances = await ledger.lock_balances(conn, self.session, self.mode, o.leg.exchange, [base, quote])
+        keys = [(o.leg.exchange, asset) for o in orders for asset in split_symbol(o.leg.symbol)]
+        async with conn.transaction():  # one commit for the group of orders, balances locked throughout
+            balances = await ledger.lock_balances(conn, self.session, self.mode, keys)
+            for o, (book, arrival) in zip(orders, arrivals, strict=True):
                 result = self.paper.execute(o, book, arrival, balances)
+                for f in result.fills:
+                    balances.apply(fill_deltas(o.leg.exchange, o.leg.symbol, o.leg.side, f))
                 await ledger.record_outcome(conn, session=self.session, mode=self.mode,
                                             row=rows[o.client_order_id], result=result, ts_ns=arrival,
                                             paper_balances=True)
@@ -300,6 +303,7 @@ class IntentHandler:
         unsettled: list[str] = []
         failure: BaseException | None = None
         now = self.clock_ns()
+        settled: list[tuple[ledger.OrderRow, VenueResult]] = []
         for o, result in zip(orders, results, strict=True):
             row = rows[o.client_order_id]
             if isinstance(result, OrderStateUnknown):
@@ -308,7 +312,10 @@ class IntentHandler:
             elif isinstance(result, BaseException):
                 failure = failure or result
             else:
-                async with conn.transaction():
+                settled.append((row, result))
+        if settled:
+            async with conn.transaction():
+                for row, result in settled:
                     await ledger.record_outcome(conn, session=self.session, mode=self.mode, row=row, result=result,
                                                 ts_ns=now)
         if failure is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,7 +28,7 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from services.executor.fills import fill_deltas
+from services.executor.fills import BalanceDelta, fill_deltas
 from services.executor.markets import PreparedOrder
 from services.executor.orders import OrderStateMachine, Transition
 from services.executor.venues.base import VenueResult
@@ -219,7 +219,7 @@ async def load_balances(conn: AsyncConnection, session: str, mode: str,
 
 
 class LockedBalances:
-    """Free balances of one exchange's assets, row-locked for the current transaction."""
+    """Free paper balances, row-locked for the current transaction, kept current as fills move them."""
 
     def __init__(self, values: dict[tuple[str, str], Decimal]) -> None:
         self.values = values
@@ -227,13 +227,22 @@ class LockedBalances:
     def available(self, exchange: str, asset: str) -> Decimal:
         return self.values.get((exchange, asset), ZERO)
 
+    def apply(self, deltas: Iterable[BalanceDelta]) -> None:
+        for d in deltas:
+            self.values[(d.exchange, d.asset)] = self.available(d.exchange, d.asset) + d.amount
 
-async def lock_balances(conn: AsyncConnection, session: str, mode: str, exchange: str,
-                        assets: list[str]) -> LockedBalances:
+
+async def lock_balances(conn: AsyncConnection, session: str, mode: str,
+                        keys: Iterable[tuple[str, str]]) -> LockedBalances:
+    """Lock the balance rows of ``keys`` (exchange, asset), always in the same order so two
+    replicas locking overlapping rows cannot deadlock."""
+    ordered = sorted(set(keys))
     cur = await conn.execute(
-        "SELECT asset, free FROM balances WHERE session = %s AND mode = %s AND exchange = %s AND asset = ANY(%s) "
-        "ORDER BY asset FOR UPDATE", (session, mode, exchange, sorted(set(assets))))
-    return LockedBalances({(exchange, asset): free for asset, free in await cur.fetchall()})
+        "SELECT b.exchange, b.asset, b.free FROM balances b "
+        "JOIN unnest(%s::text[], %s::text[]) AS k(exchange, asset) USING (exchange, asset) "
+        "WHERE b.session = %s AND b.mode = %s ORDER BY b.exchange, b.asset FOR UPDATE OF b",
+        ([k[0] for k in ordered], [k[1] for k in ordered], session, mode))
+    return LockedBalances({(ex, asset): free for ex, asset, free in await cur.fetchall()})
 
 
 # --------------------------------------------------------------------------- writes
@@ -245,16 +254,20 @@ async def insert_order(conn: AsyncConnection, *, session: str, mode: str, arb_id
     leg = order.leg
     async with conn.transaction():
         cur = await conn.execute(
-            """INSERT INTO orders (client_order_id, session, arb_id, signal_id, exchange, symbol, side, order_type,
-                                   time_in_force, role, price, quantity, status, mode, not_after, created_at)
-               VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'NEW', %s, %s, %s)
-               ON CONFLICT (client_order_id) DO NOTHING RETURNING client_order_id""",
+            f"""INSERT INTO orders (client_order_id, session, arb_id, signal_id, exchange, symbol, side, order_type,
+                                    time_in_force, role, price, quantity, status, mode, not_after, created_at)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'NEW', %s, %s, %s)
+                ON CONFLICT (client_order_id) DO NOTHING RETURNING {_ORDER_COLUMNS}""",
             (leg.client_order_id, session, arb_id, signal_id, leg.exchange, leg.symbol, leg.side, leg.order_type,
              leg.time_in_force, order.role, leg.price, leg.quantity, mode, to_ts(not_after_ns), to_ts(ts_ns)))
-        if await cur.fetchone():
-            await _insert_events(conn, [Transition(leg.client_order_id, "NEW", ZERO)], ts_ns)
+        row = await cur.fetchone()
+        if row is not None:
+            events = [Transition(leg.client_order_id, "NEW", ZERO)]
             if order.rejection:
-                await _set_status(conn, leg.client_order_id, leg.quantity, "REJECTED", order.rejection, ts_ns)
+                events += await _set_status(conn, leg.client_order_id, leg.quantity, "REJECTED", order.rejection)
+            await _insert_events(conn, events, ts_ns)
+            if not order.rejection:
+                return _order_row(row)
     cur = await conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_order_id = %s",
                              (leg.client_order_id,))
     row = await cur.fetchone()
@@ -282,15 +295,17 @@ async def record_outcome(conn: AsyncConnection, *, session: str, mode: str, row:
     """Store what the venue reported for one order: new fills, balance moves (paper), the
     order's transitions. Call inside a transaction. Returns the transitions made."""
     inserted = []
-    for f in result.fills:
+    if result.fills:
+        values = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"] * len(result.fills))
+        params: list[Any] = []
+        for f in result.fills:
+            params += [session, row.exchange, f.fill_id, row.client_order_id, row.arb_id, row.symbol, row.side,
+                       f.price, f.quantity, f.fee, f.fee_asset, f.liquidity, mode, to_ts(f.ts_ns or ts_ns)]
         cur = await conn.execute(
-            f"""INSERT INTO fills (session, {_FILL_COLUMNS})
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT (exchange, fill_id) DO NOTHING RETURNING fill_id""",
-            (session, row.exchange, f.fill_id, row.client_order_id, row.arb_id, row.symbol, row.side, f.price,
-             f.quantity, f.fee, f.fee_asset, f.liquidity, mode, to_ts(f.ts_ns or ts_ns)))
-        if await cur.fetchone():
-            inserted.append(f)
+            f"INSERT INTO fills (session, {_FILL_COLUMNS}) VALUES {values} "
+            "ON CONFLICT (exchange, fill_id) DO NOTHING RETURNING fill_id", params)
+        new_ids = {r[0] for r in await cur.fetchall()}
+        inserted = [f for f in result.fills if f.fill_id in new_ids]
     if paper_balances and inserted:
         moves: dict[str, Decimal] = {}
         for f in inserted:
@@ -300,16 +315,16 @@ async def record_outcome(conn: AsyncConnection, *, session: str, mode: str, row:
             await adjust_balance(conn, session=session, mode=mode, exchange=row.exchange, asset=asset,
                                  delta_free=moves[asset])
     cur = await conn.execute(
-        "SELECT status, filled_quantity FROM orders WHERE client_order_id = %s FOR UPDATE", (row.client_order_id,))
+        """SELECT o.status, o.filled_quantity, f.quantity, f.notional, f.fee, f.fee_asset
+           FROM orders o, LATERAL (
+               SELECT coalesce(sum(quantity), 0) AS quantity, coalesce(sum(price * quantity), 0) AS notional,
+                      coalesce(sum(fee), 0) AS fee, coalesce(max(fee_asset), '') AS fee_asset
+               FROM fills WHERE client_order_id = o.client_order_id) f
+           WHERE o.client_order_id = %s FOR UPDATE OF o""", (row.client_order_id,))
     current = await cur.fetchone()
     assert current is not None
-    cur = await conn.execute(
-        "SELECT coalesce(sum(quantity), 0), coalesce(sum(price * quantity), 0), coalesce(sum(fee), 0), "
-        "coalesce(max(fee_asset), '') FROM fills WHERE client_order_id = %s", (row.client_order_id,))
-    totals = await cur.fetchone()
-    assert totals is not None
-    filled, notional, fee, fee_asset = totals
-    machine = OrderStateMachine(row.client_order_id, row.quantity, current[0], current[1])
+    status, before, filled, notional, fee, fee_asset = current
+    machine = OrderStateMachine(row.client_order_id, row.quantity, status, before)
     transitions = machine.settle(result.status, filled, result.reason)
     await conn.execute(
         """UPDATE orders SET status = %s, filled_quantity = %s, average_price = %s, fee = %s, fee_asset = %s,
@@ -338,22 +353,25 @@ async def mark_unknown(conn: AsyncConnection, row: OrderRow, reason: str, ts_ns:
         return transitions
 
 
-async def _set_status(conn: AsyncConnection, cid: str, quantity: Decimal, new: OrderStatus, reason: str,
-                      ts_ns: int) -> None:
+async def _set_status(conn: AsyncConnection, cid: str, quantity: Decimal, new: OrderStatus,
+                      reason: str) -> list[Transition]:
     machine = OrderStateMachine(cid, quantity)
     transitions = machine.settle(new, ZERO, reason)
     await conn.execute("UPDATE orders SET status = %s, reason = %s, updated_at = now() WHERE client_order_id = %s",
                        (machine.status, reason, cid))
-    await _insert_events(conn, transitions, ts_ns)
+    return transitions
 
 
 async def _insert_events(conn: AsyncConnection, transitions: list[Transition], ts_ns: int) -> None:
+    if not transitions:
+        return
+    values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(transitions))
+    params: list[Any] = []
     for t in transitions:
-        await conn.execute(
-            """INSERT INTO order_events (client_order_id, status, filled_quantity, reason, ts)
-               VALUES (%s, %s, %s, %s, %s)
-               ON CONFLICT (client_order_id, status, filled_quantity) DO NOTHING""",
-            (t.client_order_id, t.status, t.filled_quantity, t.reason, to_ts(ts_ns)))
+        params += [t.client_order_id, t.status, t.filled_quantity, t.reason, to_ts(ts_ns)]
+    await conn.execute(
+        f"""INSERT INTO order_events (client_order_id, status, filled_quantity, reason, ts) VALUES {values}
+            ON CONFLICT (client_order_id, status, filled_quantity) DO NOTHING""", params)
 
 
 async def insert_trade(conn: AsyncConnection, *, session: str, mode: str, arb_id: str, signal_id: str,
