@@ -485,7 +485,8 @@ def _validate_executor(cfg: Config) -> None:
     ex = cfg.executor
     for exchange, assets in ex.start_balances.items():
         if exchange not in EXCHANGES:
-            raise ConfigError(f"executor.start_balances.{exchange}", f"must be one of {', '.join(EXCHANGES)}")
+            raise ConfigError(f"executor.start_balances.{exchange}", f"must be one of {', '.join(EXCHANGES)}",
+                              show_value=False)
         for asset, amount in assets.items():
             field = f"executor.start_balances.{exchange}.{asset}"
             if not _ASSET.match(asset):

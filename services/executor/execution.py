@@ -165,11 +165,11 @@ class IntentHandler:
     async def handle(self, intent: OrderIntent) -> Outputs:
         async with self.db.connection() as conn:
             key = ledger.lock_key(self.session, intent.arb_id)
-            if not await ledger.try_lock(conn, key):
+            locked, trade, orders = await ledger.lock_and_load(conn, key, intent.arb_id)
+            if not locked:
                 raise ArbitrageBusy(f"arbitrage {intent.arb_id} is being executed by another replica")
             try:
-                if await ledger.load_trade(conn, intent.arb_id) is None:
-                    orders = await ledger.load_orders(conn, intent.arb_id)
+                if trade is None:
                     now = self.clock_ns()
                     if not orders and intent.expires_ns and now > intent.expires_ns:
                         await self._expire(conn, intent, now)
@@ -276,7 +276,9 @@ class IntentHandler:
         sent = self.clock_ns()
         arrivals = await asyncio.gather(*(self.paper.arrive(o, sent) for o in orders))
         keys = [(o.leg.exchange, asset) for o in orders for asset in split_symbol(o.leg.symbol)]
-        async with conn.transaction():  # one commit for the group of orders, balances locked throughout
+        # One commit for the group of orders, balances locked throughout; pipelined, so the
+        # statements whose results are not read go out together.
+        async with conn.pipeline(), conn.transaction():
             balances = await ledger.lock_balances(conn, self.session, self.mode, keys)
             for o, (book, arrival) in zip(orders, arrivals, strict=True):
                 result = self.paper.execute(o, book, arrival, balances)
@@ -393,10 +395,8 @@ class IntentHandler:
     # ------------------------------------------------------------------ outputs
 
     async def _outputs(self, conn: AsyncConnection, intent: OrderIntent) -> Outputs:
-        rows = await ledger.load_orders(conn, intent.arb_id)
-        fills = await ledger.load_fills(conn, intent.arb_id)
-        events = await ledger.load_events(conn, list(rows))
-        trade = await ledger.load_trade(conn, intent.arb_id)
+        state = await ledger.load_state(conn, intent.arb_id)
+        rows, fills, events, trade = state.orders, state.fills, state.events, state.trade
         out = Outputs()
         origin = intent.ts_origin_ns
         out.fills = [

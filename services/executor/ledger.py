@@ -161,50 +161,76 @@ def lock_key(session: str, arb_id: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-async def try_lock(conn: AsyncConnection, key: int) -> bool:
-    """A session-level lock: held while one replica executes an arbitrage, released by
-    ``unlock`` or when that replica's connection dies."""
-    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
-    row = await cur.fetchone()
-    return bool(row and row[0])
-
-
 async def unlock(conn: AsyncConnection, key: int) -> None:
+    """Release the session-level lock ``lock_and_load`` took (a dead session releases it too)."""
     await conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
 
 
 # --------------------------------------------------------------------------- reads
 
 
+_TRADE_COLUMNS = ("status", "legs", "notional", "fees", "realised_pnl", "pnl_currency", "pnl_by_currency",
+                  "fx_rates", "residuals", "closed_at")
+_SELECT_ORDERS = f"SELECT {_ORDER_COLUMNS} FROM orders WHERE arb_id = %s ORDER BY created_at, client_order_id"
+_SELECT_FILLS = f"SELECT {_FILL_COLUMNS} FROM fills WHERE arb_id = %s ORDER BY ts, client_order_id, fill_id"
+_SELECT_EVENTS = ("SELECT e.client_order_id, e.status, e.filled_quantity, e.reason, e.ts FROM order_events e "
+                  "JOIN orders o USING (client_order_id) WHERE o.arb_id = %s ORDER BY e.id")
+_SELECT_TRADE = f"SELECT {', '.join(_TRADE_COLUMNS)} FROM trades WHERE arb_id = %s"
+
+
+@dataclass(frozen=True, slots=True)
+class ArbState:
+    """Everything stored about one arbitrage."""
+
+    orders: dict[str, OrderRow]
+    fills: list[FillRow]
+    events: list[EventRow]
+    trade: dict[str, Any] | None
+
+
 async def load_orders(conn: AsyncConnection, arb_id: str) -> dict[str, OrderRow]:
-    cur = await conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE arb_id = %s ORDER BY created_at, "
-                             "client_order_id", (arb_id,))
+    cur = await conn.execute(_SELECT_ORDERS, (arb_id,))
     return {row.client_order_id: row for row in map(_order_row, await cur.fetchall())}
 
 
 async def load_fills(conn: AsyncConnection, arb_id: str) -> list[FillRow]:
-    cur = await conn.execute(f"SELECT {_FILL_COLUMNS} FROM fills WHERE arb_id = %s ORDER BY ts, client_order_id, "
-                             "fill_id", (arb_id,))
+    cur = await conn.execute(_SELECT_FILLS, (arb_id,))
     return [_fill_row(r) for r in await cur.fetchall()]
 
 
-async def load_events(conn: AsyncConnection, client_order_ids: list[str]) -> list[EventRow]:
-    cur = await conn.execute(
-        "SELECT client_order_id, status, filled_quantity, reason, ts FROM order_events "
-        "WHERE client_order_id = ANY(%s) ORDER BY id", (client_order_ids,))
-    return [EventRow(c, s, q, r, to_ns(t)) for c, s, q, r, t in await cur.fetchall()]
+def _trade(row: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    return None if row is None else dict(zip(_TRADE_COLUMNS, row, strict=True))
 
 
 async def load_trade(conn: AsyncConnection, arb_id: str) -> dict[str, Any] | None:
-    cur = await conn.execute(
-        "SELECT status, legs, notional, fees, realised_pnl, pnl_currency, pnl_by_currency, fx_rates, residuals, "
-        "closed_at FROM trades WHERE arb_id = %s", (arb_id,))
-    row = await cur.fetchone()
-    if row is None:
-        return None
-    keys = ("status", "legs", "notional", "fees", "realised_pnl", "pnl_currency", "pnl_by_currency", "fx_rates",
-            "residuals", "closed_at")
-    return dict(zip(keys, row, strict=True))
+    cur = await conn.execute(_SELECT_TRADE, (arb_id,))
+    return _trade(await cur.fetchone())
+
+
+async def lock_and_load(conn: AsyncConnection, key: int, arb_id: str) -> tuple[bool, dict[str, Any] | None,
+                                                                                   dict[str, OrderRow]]:
+    """Take the arbitrage's lock and read its trade and orders, in one round trip."""
+    async with conn.pipeline():
+        locked = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        trade = await conn.execute(_SELECT_TRADE, (arb_id,))
+        orders = await conn.execute(_SELECT_ORDERS, (arb_id,))
+        got = await locked.fetchone()
+        return (bool(got and got[0]), _trade(await trade.fetchone()),
+                {r.client_order_id: r for r in map(_order_row, await orders.fetchall())})
+
+
+async def load_state(conn: AsyncConnection, arb_id: str) -> ArbState:
+    """Orders, fills, transitions and trade of an arbitrage, in one round trip."""
+    async with conn.pipeline():
+        orders = await conn.execute(_SELECT_ORDERS, (arb_id,))
+        fills = await conn.execute(_SELECT_FILLS, (arb_id,))
+        events = await conn.execute(_SELECT_EVENTS, (arb_id,))
+        trade = await conn.execute(_SELECT_TRADE, (arb_id,))
+        return ArbState(
+            {r.client_order_id: r for r in map(_order_row, await orders.fetchall())},
+            [_fill_row(r) for r in await fills.fetchall()],
+            [EventRow(c, st, q, r, to_ns(t)) for c, st, q, r, t in await events.fetchall()],
+            _trade(await trade.fetchone()))
 
 
 async def load_balances(conn: AsyncConnection, session: str, mode: str,

@@ -63,6 +63,10 @@ def prepare(leg: OrderLeg, instrument: Instrument, *, known: bool, role: Role = 
     """Round ``leg`` to the instrument's tick and lot and check the exchange's minimums."""
     if require_rules and not known:
         return PreparedOrder(leg, instrument, role, "no trading rules (tick, lot) known for this market")
+    if require_rules and (leg.order_type != "limit" or leg.time_in_force == "GTC"):
+        # Live legs are limit IOC/FOK: nothing may rest on a book after the arbitrage is over.
+        return PreparedOrder(leg, instrument, role, f"live orders are limit IOC or FOK, not "
+                                                    f"{leg.order_type} {leg.time_in_force}")
     price = round_price(instrument, leg.price, leg.side) if leg.order_type == "limit" else leg.price
     quantity = round_qty(instrument, leg.quantity)
     rounded = replace(leg, price=price, quantity=quantity)
