@@ -247,7 +247,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--redis-url")
     p.add_argument("--database-url", help="default: $DATABASE_URL, else a private PostgreSQL")
     p.add_argument("--intents", type=int, default=1000, help="intents in the latency run")
-    p.add_argument("--rate", type=float, default=50.0, help="intents per second in the latency run")
+    p.add_argument("--rate", type=float, default=20.0, help="intents per second in the latency run")
     p.add_argument("--burst", type=int, default=1000, help="intents published at once in the throughput run")
     p.add_argument("--latency-ms", type=float, default=0.0, help="paper order latency (executor.order_latency_ms)")
     p.add_argument("--replicas", type=int, default=1, help="executor processes")
