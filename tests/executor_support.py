@@ -1,4 +1,4 @@
-"""Shared helpers of the executor tests: recorded books, intents, market data in Redis."""
+"""What the executor tests share: recorded books, intents, market data in Redis, service processes."""
 
 from __future__ import annotations
 

@@ -131,7 +131,7 @@ def live_env(service_env: dict[str, str], url: str, keys: dict[str, str]) -> dic
 @pytest.mark.slow
 async def test_sigkill_between_send_and_ack_never_duplicates_an_order_or_a_fill(
         service_env: dict[str, str], pg_url: str, redis_url: str, namespace: str, tmp_path: Path) -> None:
-    rng = random.Random(int(os.environ.get("CRASH_SEED", str(time.time_ns()))))
+    rng = random.Random(int(os.environ.get("CRASH_RANDOM_STATE", str(time.time_ns()))))
     binance, upbit = binance_exchange(), upbit_exchange()
     binance.set_book("BTCUSDT", "BTC", "USDT", BINANCE.bids, BINANCE.asks)
     upbit.set_book("KRW-BTC", "BTC", "KRW", UPBIT.bids, UPBIT.asks)

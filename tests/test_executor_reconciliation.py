@@ -48,10 +48,10 @@ async def handler(bus: Bus, pg_url: str, namespace: str) -> AsyncIterator[Intent
                       overrides={"executor": {"order_latency_ms": 0, "leg_risk_policy": "hedge",
                                               "leg_risk_fallback": "unwind", "max_slippage_bps": 30}})
 
-    async def seed(conn: psycopg.AsyncConnection) -> None:
+    async def start_balances(conn: psycopg.AsyncConnection) -> None:
         await seed_balances(conn, namespace, "paper", START)
 
-    db = Database(pg_url, on_connect=seed)
+    db = Database(pg_url, on_connect=start_balances)
     market = MarketData(bus, cfg)
     yield IntentHandler(cfg, db=db, market=market, paper=PaperVenue(market, FillSimulator()))
     await db.close()
