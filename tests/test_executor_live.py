@@ -296,6 +296,19 @@ async def test_a_bad_signature_is_refused_by_the_exchange_and_the_leg_is_handled
     assert out.execution.status == "unwound"
 
 
+async def test_missing_fx_rate_is_recorded_and_alerted(make_rig, bus) -> None:  # type: ignore[no-untyped-def]
+    rig = await make_rig()
+    await bus.redis.delete(bus.keys.fx_latest("USDT/KRW"))
+    intent = spatial_intent()
+    out = await rig.run(intent)
+    assert out.execution is not None and out.execution.status == "completed"
+    assert set(out.execution.pnl_by_currency) == {"USDT", "KRW"}
+    assert out.execution.realised_pnl == out.execution.pnl_by_currency["USDT"]
+    [(fx,)] = rig.rows("SELECT fx_rates FROM trades WHERE arb_id = %s", intent.arb_id)
+    assert fx == {"missing": ["KRW"]}
+    assert [a.kind for a in out.alerts] == ["fx_missing"]
+
+
 async def test_expired_intent_sends_nothing(make_rig) -> None:  # type: ignore[no-untyped-def]
     rig = await make_rig()
     intent = spatial_intent(expires_ns=time.time_ns() - 1_000_000)

@@ -433,6 +433,13 @@ class IntentHandler:
                 out.balances.append(Balance(exchange=exchange, asset=asset, free=free, locked=locked, mode="paper",
                                             ts_ns=now))
         out.alerts = _alerts(execution, rows, intent)
+        missing = trade["fx_rates"].get("missing")
+        if missing:
+            out.alerts.append(Alert(
+                alert_id=f"{intent.arb_id}:fx_missing", severity="critical", source="executor", kind="fx_missing",
+                message=f"arbitrage {intent.arb_id}: no FX rate for {', '.join(missing)}; realised PnL in "
+                        f"{execution.pnl_currency} leaves those currencies out", ts_ns=execution.ts_ns,
+                labels={"arb_id": intent.arb_id}))
         return out
 
 
