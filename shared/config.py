@@ -344,8 +344,28 @@ class RiskSettings(_Section, frozen=True):
 
 class ExecutorSettings(_Section, frozen=True):
     order_latency_ms: NonNegFloat = 50.0
+    """Paper: an order meets the book as it is this long after it was sent."""
     start_balances: dict[str, dict[str, float]] = {}
     """Paper balances per exchange and asset, e.g. {binance = {USDT = 10000, BTC = 0.2}}."""
+    max_book_age_ms: PosInt = 5_000
+    """Paper: a book older than this when the order arrives counts as no book (nothing fills)."""
+    leg_risk_policy: Literal["hedge", "unwind"] = "hedge"
+    """When legs fill unevenly: complete the short legs (hedge) or take back the long ones (unwind)."""
+    leg_risk_fallback: Literal["unwind", "hedge", "none"] = "unwind"
+    """A second corrective round when the first leaves exposure; ``none`` records the residual."""
+    max_slippage_bps: Annotated[float, Meta(gt=0, le=1000)] = 30.0
+    """Bound of a hedge/unwind IOC's limit price beyond the best price, in basis points."""
+    request_timeout_ms: PosInt = 2_000
+    """Live: an order request without an answer after this is in an unknown state."""
+    unknown_order_grace_ms: Annotated[int, Meta(ge=100, le=60_000)] = 5_000
+    """Live: how long a sent order may still reach the exchange (Binance recvWindow). An order
+    not found by client id after this (plus the clock margin) never reached the exchange."""
+    clock_margin_ms: Annotated[int, Meta(ge=0, le=10_000)] = 1_000
+    fill_poll_interval_ms: PosInt = 100
+    fill_poll_timeout_ms: PosInt = 5_000
+    binance_weight_per_minute: PosInt = 6_000
+    upbit_orders_per_second: PosInt = 8
+    upbit_requests_per_second: PosInt = 30
 
 
 class InventoryTarget(_Section, frozen=True, kw_only=True):
@@ -710,6 +730,7 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
             cfg.trading.max_notional,
         )
     _validate_risk(cfg)
+    _validate_executor(cfg)
     if cfg.trading.mode == "live":
         if cfg.env == "development":
             raise ConfigError("trading.mode", "requires env staging or production", "live")
@@ -847,6 +868,31 @@ def _validate_risk(cfg: Config) -> None:
         raise ConfigError("risk.verdict_retention_s",
                           "must cover twice risk.max_signal_age_ms + risk.max_clock_skew_ms, so a redelivered "
                           "signal is either remembered or stale", r.verdict_retention_s)
+
+
+_ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
+
+
+def _validate_executor(cfg: Config) -> None:
+    ex = cfg.executor
+    for exchange, assets in ex.start_balances.items():
+        if exchange not in EXCHANGES:
+            raise ConfigError(f"executor.start_balances.{exchange}", f"must be one of {', '.join(EXCHANGES)}",
+                              show_value=False)
+        for asset, amount in assets.items():
+            field = f"executor.start_balances.{exchange}.{asset}"
+            if not _ASSET.match(asset):
+                raise ConfigError(field, "must name an asset in capitals, like USDT", show_value=False)
+            if not amount >= 0:
+                raise ConfigError(field, "must be a number >= 0", amount)
+    if ex.fill_poll_interval_ms >= ex.fill_poll_timeout_ms:
+        raise ConfigError("executor.fill_poll_interval_ms",
+                          f"must be below executor.fill_poll_timeout_ms ({ex.fill_poll_timeout_ms})",
+                          ex.fill_poll_interval_ms)
+    if ex.request_timeout_ms >= ex.unknown_order_grace_ms:
+        raise ConfigError("executor.request_timeout_ms",
+                          f"must be below executor.unknown_order_grace_ms ({ex.unknown_order_grace_ms})",
+                          ex.request_timeout_ms)
 
 
 def load_config(

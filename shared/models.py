@@ -313,6 +313,10 @@ class Execution(Message, tag="execution", kw_only=True):
     residuals: list[Residual] = []
     ts_ns: int
     ts_origin_ns: int = 0
+    pnl_by_currency: dict[str, Decimal] = {}
+    """Realised PnL per currency before conversion, exact; ``realised_pnl`` converts these."""
+    fx_rates: dict[str, Decimal] = {}
+    """The rates (pair -> rate) used to convert ``pnl_by_currency`` into ``pnl_currency``."""
 
 
 class Balance(Message, tag="balance", kw_only=True):
