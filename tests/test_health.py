@@ -94,24 +94,24 @@ def test_health_exits_1_when_a_consumer_group_lags_beyond_the_limit(
     client = redis.Redis.from_url(redis_url)
     with running_stack(env, tmp_path, services=("risk", "alerter")) as stack:
         assert stack.arb("health").returncode == 0
-        # the risk group falls 150 entries behind on signals (nothing in risk reads them yet)
-        client.xgroup_create(prefix + "signals", "risk", id="$", mkstream=True)
+        # an audit group falls 150 entries behind on decisions (no service in this stack reads it)
+        client.xgroup_create(prefix + "decisions", "audit", id="$", mkstream=True)
         payload = encode(Alert(alert_id="x", severity="info", source="t", kind="t", message="m", ts_ns=1))
         for _ in range(150):
-            client.xadd(prefix + "signals", {FIELD: payload})
+            client.xadd(prefix + "decisions", {FIELD: payload})
         lagging = stack.arb("health", "--json")
         # 50 behind: a warning, not a failure
-        client.xgroup_setid(prefix + "signals", "risk", id="0")
-        ids = [e[0] for e in client.xrange(prefix + "signals", count=100)]
-        client.xgroup_setid(prefix + "signals", "risk", id=ids[-1])
+        client.xgroup_setid(prefix + "decisions", "audit", id="0")
+        ids = [e[0] for e in client.xrange(prefix + "decisions", count=100)]
+        client.xgroup_setid(prefix + "decisions", "audit", id=ids[-1])
         warning = stack.arb("health", "--json")
     client.close()
     assert lagging.returncode == 1, lagging.stdout
-    check = _checks(lagging.stdout)["lag signals/risk"][0]
+    check = _checks(lagging.stdout)["lag decisions/audit"][0]
     assert check["status"] == "ERROR" and check["detail"].startswith("lag 150 "), check
     assert _statuses(lagging.stdout)["lag alerts/alerter"] == {"OK"}
     assert warning.returncode == 0, warning.stdout
-    assert _checks(warning.stdout)["lag signals/risk"][0]["status"] == "WARN"
+    assert _checks(warning.stdout)["lag decisions/audit"][0]["status"] == "WARN"
 
 
 def test_the_container_healthcheck_is_the_service_own_health_endpoint(
