@@ -347,3 +347,16 @@ def test_an_invalid_fx_rate_is_rejected() -> None:
     with pytest.raises(InvalidInput):
         det.on_fx(fx(1380.0, bid=1381.0, ask=1379.0), NOW)
     assert det.fx.latest("USDT/KRW") is None
+
+
+def test_premium_of_a_krw_venue_is_its_mid_through_fx_over_the_usdt_venues_median() -> None:
+    det = detector()
+    det.on_fx(fx(1400.0), NOW)
+    feed(det, book("a", [(99.0, 1.0)], [(101.0, 1.0)]),  # mid 100
+         book("b", [(101.0, 1.0)], [(103.0, 1.0)]),  # mid 102: median of a and b is 101
+         book("upbit", [(143_000.0, 1.0)], [(144_200.0, 1.0)], symbol="BTC/KRW"))  # mid 143_600 KRW = 102.571 USDT
+    premiums = det.premiums("BTC", NOW)
+    assert premiums["a"] == pytest.approx(100 / 101 - 1)
+    assert premiums["upbit"] == pytest.approx(143_600 / 1400 / 101 - 1)
+    assert det.premiums("ETH", NOW) == {}
+    assert "upbit" not in det.premiums("BTC", NOW + 5_000 * MS)  # stale books have no premium

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+BookTimes = Callable[[], Iterable[tuple[str, str, int]]]
 
 FRAMES = Counter("arb_collector_frames_total", "WebSocket frames received", ["exchange"])
 MALFORMED = Counter(
@@ -37,3 +45,36 @@ CH_SPILLED_ROWS = Gauge("arb_collector_clickhouse_spilled_rows", "Rows of tick b
 CH_DROPPED_ROWS = Counter(
     "arb_collector_clickhouse_dropped_rows_total", "Rows lost because the spill directory reached its bound", ["table"]
 )
+BOOK_UPDATES = Counter("arb_collector_book_updates_total", "Book snapshots published (one per book change)",
+                       ["exchange", "symbol"])
+
+
+class BookAgeCollector(Collector):
+    """``arb_collector_book_age_seconds``: seconds since each book last changed, computed when
+    scraped (a gauge set on each update would read 0 forever on a feed that went quiet)."""
+
+    def __init__(self) -> None:
+        self._sources: list[weakref.WeakMethod[BookTimes]] = []
+
+    def watch(self, source: BookTimes) -> None:
+        """``source`` is a bound method returning (exchange, symbol, last change ns) per book."""
+        self._sources.append(weakref.WeakMethod(source))
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("arb_collector_book_age_seconds", "Seconds since the book last changed",
+                                   labels=["exchange", "symbol"])
+        now = time.time_ns()
+        alive = []
+        for ref in self._sources:
+            source = ref()
+            if source is None:
+                continue
+            alive.append(ref)
+            for exchange, symbol, changed_ns in source():
+                family.add_metric([exchange, symbol], max(0.0, (now - changed_ns) / 1e9))
+        self._sources = alive
+        yield family
+
+
+BOOK_AGE = BookAgeCollector()
+REGISTRY.register(BOOK_AGE)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import msgspec
 
@@ -55,6 +55,12 @@ class Publisher:
         self.published = 0
         self.dropped = 0
         self._streams: dict[str, str] = {}
+        self._updates: dict[tuple[str, str], Any] = {}
+        metrics.BOOK_AGE.watch(self.book_times)
+
+    def book_times(self) -> list[tuple[str, str, int]]:
+        """(exchange, symbol, receive time of the last change) of every book published."""
+        return [(ex, sym, snap.ts_recv_ns) for (ex, sym), snap in self.last_books.items()]
 
     def _stream(self, symbol: str) -> str:
         stream = self._streams.get(symbol)
@@ -84,7 +90,12 @@ class Publisher:
             snap.ts_pub_ns = now
             payload = encode(snap)
             producer.publish(self._stream(snap.symbol), payload)
-            self.last_books[(snap.exchange, snap.symbol)] = snap
+            key = (snap.exchange, snap.symbol)
+            self.last_books[key] = snap
+            counter = self._updates.get(key)
+            if counter is None:
+                counter = self._updates[key] = metrics.BOOK_UPDATES.labels(*key)
+            counter.inc()
             producer.set_key(self.keys.latest_book(snap.exchange, snap.symbol), payload, self.book_ttl_ms)
             if self.ticks is not None:
                 self.ticks.add_book(snap)

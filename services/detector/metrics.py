@@ -22,3 +22,11 @@ TICK_TO_SIGNAL = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 FX_AGE = Gauge("arb_detector_fx_age_seconds", "Age of the latest FX rate per pair when it arrived", ["pair"])
+PREMIUM = Gauge(
+    "arb_detector_premium_ratio",
+    "A venue's mid in the reference currency over the median mid of the venues quoting it, minus one "
+    "(the kimchi premium of a KRW venue)",
+    ["asset", "exchange"],
+)
+SIGNAL_EDGE = Gauge("arb_detector_signal_edge_bps", "Net edge of the latest signal after fees, in basis points",
+                    ["strategy", "asset"])

@@ -219,6 +219,7 @@ class DetectorService(Service):
         if any(isinstance(c, SpatialDetector) for c in self.cores.values()):
             self.background(self._follow_balances)
         self.background(self._refresh_instruments)
+        self.background(self._premium_gauges)
         log.info("detector ready", extra={"strategies": list(self.cores),
                                           "streams": {r.strategy: r.streams for r in self.runners}})
 
@@ -235,11 +236,23 @@ class DetectorService(Service):
     def publish_signal(self, signal: Signal) -> None:
         self.producer.publish(SIGNALS, signal)
         metrics.SIGNALS.labels(signal.strategy).inc()
+        metrics.SIGNAL_EDGE.labels(signal.strategy, signal.asset).set(signal.net_edge_bps)
         if signal.ts_origin_ns:
             metrics.TICK_TO_SIGNAL.labels(signal.strategy).observe(max(0, time.time_ns() - signal.ts_origin_ns) / 1e9)
 
     def complain(self, kind: str, reason: str, detail: str = "") -> None:
         self._complain(kind, reason, detail)
+
+    async def _premium_gauges(self) -> None:
+        """Premium of each venue per asset, for the market-data dashboard (once a second)."""
+        spatial = [c for c in self.cores.values() if isinstance(c, SpatialDetector)]
+        bases = sorted({symbol.partition("/")[0] for _, symbol in self.markets})
+        while await self.sleep(1.0):
+            now = time.time_ns()
+            for core in spatial:
+                for base in bases:
+                    for exchange, premium in core.premiums(base, now).items():
+                        metrics.PREMIUM.labels(base, exchange).set(premium)
 
     # ------------------------------------------------------------------ seeding
 

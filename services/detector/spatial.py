@@ -176,6 +176,26 @@ class SpatialDetector:
         """Forget an asset's books (its stream went to another replica)."""
         self.books.drop_base(base)
 
+    def premiums(self, base: str, now_ns: int) -> dict[str, float]:
+        """Each fresh venue's mid, valued in the reference currency at the FX mid, over the median
+        mid of the venues quoting the reference currency itself, minus one (the kimchi premium of
+        a KRW venue). Empty when no venue quotes the reference currency."""
+        ref = self.config.reference_currency
+        oldest = now_ns - self.config.max_book_age_ns
+        mids: dict[tuple[str, str], float] = {}
+        for (exchange, symbol), book in self.books.of_base(base).items():
+            if book.status != "synced" or book.ts_recv_ns < oldest or not book.bids or not book.asks:
+                continue
+            conv = self.fx.conversion(symbol.partition("/")[2], ref, now_ns)
+            if conv is not None:
+                mids[(exchange, symbol)] = (book.bids[0][0] + book.asks[0][0]) / 2 * conv.mid
+        local = sorted(mid for (_, symbol), mid in mids.items() if symbol.endswith("/" + ref))
+        if not local:
+            return {}
+        n = len(local)
+        median = local[n // 2] if n % 2 else (local[n // 2 - 1] + local[n // 2]) / 2
+        return {exchange: mid / median - 1.0 for (exchange, _), mid in mids.items()}
+
     # ------------------------------------------------------------------ evaluation
 
     def opportunities(self, base: str, now_ns: int) -> list[SpatialOpportunity]:

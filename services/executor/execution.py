@@ -38,6 +38,7 @@ import psycopg
 from psycopg import AsyncConnection
 
 from services.executor import ledger
+from services.executor import metrics as m
 from services.executor.fills import fill_deltas
 from services.executor.legs import Action, LegPosition, LegRiskPolicy, classify, residuals
 from services.executor.markets import MarketData, PreparedOrder, Role, best_prices, bounded_to_tick, prepare
@@ -274,7 +275,10 @@ class IntentHandler:
                          rows: dict[str, ledger.OrderRow]) -> None:
         assert self.paper is not None
         sent = self.clock_ns()
+        started = time.perf_counter()
         arrivals = await asyncio.gather(*(self.paper.arrive(o, sent) for o in orders))
+        for o in orders:
+            m.ORDER_SECONDS.labels(o.leg.exchange).observe(time.perf_counter() - started)
         keys = [(o.leg.exchange, asset) for o in orders for asset in split_symbol(o.leg.symbol)]
         # One commit for the group of orders, balances locked throughout; pipelined, so the
         # statements whose results are not read go out together.
@@ -298,7 +302,10 @@ class IntentHandler:
                     return VenueResult("REJECTED", (), f"no live venue for {o.leg.exchange} (API keys missing)")
                 raise OrderStateUnknown(f"no live venue to look up {o.client_order_id} on {o.leg.exchange}")
             if o.client_order_id in fresh:
-                return await venue.submit(o, row.not_after_ns)
+                started = time.perf_counter()
+                result = await venue.submit(o, row.not_after_ns)
+                m.ORDER_SECONDS.labels(o.leg.exchange).observe(time.perf_counter() - started)
+                return result
             return await venue.reconcile(o, row.not_after_ns)
 
         results = await asyncio.gather(*(one(o) for o in orders), return_exceptions=True)

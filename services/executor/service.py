@@ -14,9 +14,10 @@ import time
 from decimal import Decimal
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+import psycopg
 from psycopg import AsyncConnection
 
+from services.executor import metrics as m
 from services.executor.execution import IntentHandler, decode_intent
 from services.executor.fills import FillSimulator
 from services.executor.ledger import Database
@@ -26,7 +27,6 @@ from services.executor.venues.base import HttpVenue
 from services.executor.venues.binance import BinanceVenue
 from services.executor.venues.paper import PaperVenue
 from services.executor.venues.upbit import UpbitVenue
-from shared import metrics
 from shared.config import Config, Secrets
 from shared.ledger import seed_balances
 from shared.runtime import Bus, Delivery, Retryable
@@ -34,14 +34,6 @@ from shared.service import Service
 from shared.streams import ALERTS, BALANCES, EXECUTIONS, FILLS, ORDER_UPDATES, ORDERS, Domain, Group
 
 log = logging.getLogger(__name__)
-
-INTENTS = Counter("arb_executor_intents_total", "Arbitrages finished, by status", ["status"])
-FILLS_TOTAL = Counter("arb_executor_fills_total", "Fills stored", ["exchange", "mode"])
-RESIDUALS = Counter("arb_executor_residuals_total", "Arbitrages that left residual exposure")
-RETRIES = Counter("arb_executor_retries_total", "Intents retried in place (database or exchange down)",
-                  ["reason"])
-INTENT_SECONDS = Histogram("arb_executor_intent_seconds", "Time to execute one intent, storage included",
-                           buckets=metrics.LATENCY_BUCKETS)
 
 DEFAULT_REST_URLS = {"binance": "https://api.binance.com", "upbit": "https://api.upbit.com"}
 
@@ -96,6 +88,21 @@ class ExecutorService(Service):
         # Small batches: an intent's acknowledgement waits for the rest of its batch.
         self.consumer(Group.EXECUTOR, [ORDERS], self._on_intent, decoder=decode_intent,
                       batch_size=min(cfg.redis.batch_size, 16))
+        self.background(self._pnl_gauge)
+
+    async def _pnl_gauge(self) -> None:
+        """The session's realised PnL as the ledger has it (its own connection: the intents'
+        connection may be inside a transaction)."""
+        while await self.sleep(10.0):
+            try:
+                async with await psycopg.AsyncConnection.connect(self.cfg.postgres.url, connect_timeout=2) as conn:
+                    cur = await conn.execute(
+                        "SELECT coalesce(sum(realised_pnl), 0) FROM trades WHERE session = %s AND mode = %s",
+                        (self.cfg.session, self.cfg.trading.mode))
+                    row = await cur.fetchone()
+                m.REALISED_PNL.set(float(row[0]) if row else 0.0)
+            except psycopg.Error:
+                continue  # the intents' path reports the database being down
 
     async def _on_connect(self, conn: AsyncConnection) -> None:
         if self.cfg.trading.mode == "paper" and self.cfg.executor.start_balances:
@@ -108,7 +115,7 @@ class ExecutorService(Service):
         try:
             out = await self.handler.handle(delivery.message)
         except Retryable as exc:
-            RETRIES.labels(type(exc).__name__).inc()
+            m.RETRIES.labels(type(exc).__name__).inc()
             self.degrade(f"{type(exc).__name__}: {exc}"[:300])
             raise
         self.degrade("")
@@ -118,13 +125,15 @@ class ExecutorService(Service):
         p.publish_many(BALANCES, out.balances)
         if out.execution is not None:
             p.publish(EXECUTIONS, out.execution)
-            INTENTS.labels(out.execution.status).inc()
+            m.EXECUTIONS.labels(out.execution.strategy, out.execution.status).inc()
             if out.execution.residuals:
-                RESIDUALS.inc()
+                m.RESIDUALS.inc()
         p.publish_many(ALERTS, out.alerts)
         for f in out.fills:
-            FILLS_TOTAL.labels(f.exchange, f.mode).inc()
-        INTENT_SECONDS.observe(time.perf_counter() - started)
+            m.FILLS.labels(f.exchange, f.symbol, f.side, f.mode).inc()
+        for b in out.balances:
+            m.BALANCE.labels(b.exchange, b.asset, b.mode).set(float(b.free + b.locked))
+        m.INTENT_SECONDS.observe(time.perf_counter() - started)
 
     async def extra_health(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"mode": self.cfg.trading.mode}

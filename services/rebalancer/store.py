@@ -10,13 +10,16 @@ state). Paper step execution changes steps, balances and state in one transactio
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any, cast
 
+import msgspec
 from psycopg import AsyncConnection
 
+from services.rebalancer import metrics
 from services.rebalancer.planner import Node, TransferPlan
 from services.rebalancer.transfers import (
     FINAL_STATES,
@@ -312,4 +315,8 @@ class TransferStore:
             await pipe.execute()
             await conn.execute("UPDATE transfer_events SET published_at = now() WHERE id = ANY(%s)",
                                ([r[0] for r in rows],))
+        for _, payload in rows:
+            with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                event = msgspec.json.decode(payload, type=Transfer)
+                metrics.TRANSFERS.labels(event.asset, event.state).inc()
         return len(rows)

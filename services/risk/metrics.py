@@ -27,6 +27,7 @@ BREAKER_OPEN = Gauge("arb_risk_circuit_breaker_open", "1 while the circuit break
 OPEN_ARBITRAGES = Gauge("arb_risk_open_arbitrages", "Approved arbitrages not yet released")
 EXPOSURE = Gauge("arb_risk_exposure", "Reserved notional in the reference currency", ["scope", "name"])
 DAILY_PNL = Gauge("arb_risk_daily_realised_pnl", "Realised PnL of the current trading day")
+DAILY_LOSS_LIMIT = Gauge("arb_risk_daily_loss_limit", "risk.daily_loss_limit, as a positive amount")
 EQUITY = Gauge("arb_risk_equity", "Starting equity plus realised PnL")
 DRAWDOWN = Gauge("arb_risk_drawdown_ratio", "Drawdown from peak equity, as a fraction")
 LOSS_STREAK = Gauge("arb_risk_loss_streak", "Losing arbitrages in a row")

@@ -509,6 +509,7 @@ class RiskService(Service):
                 for name, value in summary["exposure"][scope].items():
                     m.EXPOSURE.labels(scope[:-1], name).set(value)
             m.DAILY_PNL.set(summary["pnl"]["daily_realised"])
+            m.DAILY_LOSS_LIMIT.set(self.cfg.risk.daily_loss_limit)  # follows reloads
             m.EQUITY.set(summary["equity"])
             m.DRAWDOWN.set(summary["drawdown"])
             m.LOSS_STREAK.set(summary["loss_streak"])

@@ -181,26 +181,27 @@ def render_dashboard(prev: Snapshot, cur: Snapshot, cfg: Config) -> str:
         f"arb monitor  {now}  every {dt:.1f}s  session {cfg.session}",
         f"services     {replicas}{unreachable}",
         "",
-        f"trades/min   {per_min('arb_executions_total'):>8}    fills/min    {per_min('arb_fills_total'):>6}"
-        f"    signals/min {per_min('arb_signals_total'):>8}",
+        f"trades/min   {per_min('arb_executor_executions_total'):>8}"
+        f"    fills/min    {per_min('arb_executor_fills_total'):>6}"
+        f"    signals/min {per_min('arb_detector_signals_total'):>8}",
         f"errors/min   {errors:>8.1f}    warnings/min {per_min('arb_log_records_total', level='WARNING'):>6}"
         f"    handler errors/min {per_min('arb_handler_errors_total')}",
     ]
-    pnl_today, limit = cur.gauge("arb_daily_realised_pnl"), cur.gauge("arb_daily_loss_limit")
+    pnl_today, limit = cur.gauge("arb_risk_daily_realised_pnl"), cur.gauge("arb_risk_daily_loss_limit")
     used = ""
     if pnl_today is not None and limit and pnl_today < 0:
         used = f"  ({-pnl_today / limit:.0%} of the daily loss limit)"
-    cumulative = _num(cur.gauge("arb_realised_pnl"))
+    cumulative = _num(cur.gauge("arb_executor_realised_pnl"))
     lines.append(f"PnL today    {_num(pnl_today)} {ccy}{used}    cumulative {cumulative} {ccy}")
-    breaker, halted = cur.gauge("arb_circuit_breaker_open"), cur.gauge("arb_halted")
+    breaker, halted = cur.gauge("arb_risk_circuit_breaker_open"), cur.gauge("arb_risk_halted")
     lines.append(
-        f"open arbs    {_num(cur.gauge('arb_open_arbitrages'), '{:.0f}')}    circuit breaker "
+        f"open arbs    {_num(cur.gauge('arb_risk_open_arbitrages'), '{:.0f}')}    circuit breaker "
         f"{'-' if breaker is None else 'OPEN' if breaker else 'closed'}    halted "
         f"{'-' if halted is None else 'YES' if halted else 'no'}")
-    exposure = sorted(cur.gauges_by("arb_exposure", "scope", "name").items(), key=lambda kv: -abs(kv[1]))[:5]
+    exposure = sorted(cur.gauges_by("arb_risk_exposure", "scope", "name").items(), key=lambda kv: -abs(kv[1]))[:5]
     if exposure:
         lines.append("exposure     " + "   ".join(f"{s}:{n} {v:,.2f}" for (s, n), v in exposure))
-    guards = increase_by(prev, cur, "arb_guard_triggers_total", "guard")
+    guards = increase_by(prev, cur, "arb_risk_guard_triggers_total", "guard")
     lines.append("guards       " + ("   ".join(f"{g} +{v:.0f}" for (g,), v in sorted(guards.items()) if v)
                                     or ("none triggered" if guards else "-")))
     lines += ["", f"{'HOP (stream/group)':<34} {'msg/s':>9} {'p50':>10} {'p99':>10} {'handle p99':>11} {'lag':>7}"]
