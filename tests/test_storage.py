@@ -68,10 +68,20 @@ def test_retention_purges_only_sessions_stopped_long_ago(pg_url: str) -> None:
                 "INSERT INTO system_logs (session, service, level, message) VALUES (%s, 'risk', 'INFO', 'x')",
                 (session,),
             )
+            conn.execute(
+                """INSERT INTO transfers (transfer_id, session, mode, state, asset, to_exchange, amount,
+                                          from_exchange, from_asset, from_amount, expected_cost, cost_currency,
+                                          expected_seconds, created_ns, updated_ns)
+                   VALUES (%s, %s, 'paper', 'completed', 'USDT', 'binance', 100, 'upbit', 'USDT', 101, 1,
+                           'USDT', 60, 1, 1)""",
+                (f"t-{session}", session),
+            )
         purged = [r[0] for r in conn.execute("SELECT * FROM purge_stopped_sessions(INTERVAL '90 days')")]
         left = sorted(r[0] for r in conn.execute("SELECT DISTINCT session FROM system_logs"))
+        transfers = sorted(r[0] for r in conn.execute("SELECT session FROM transfers"))
     assert purged == ["old"]
     assert left == ["live", "recent"]
+    assert transfers == ["live", "recent"]
 
 
 def test_an_applied_migration_that_changed_is_refused(pg_url: str) -> None:
