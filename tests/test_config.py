@@ -114,3 +114,9 @@ def test_config_command_never_prints_secrets() -> None:
     assert proc.returncode == 0
     assert "do-not-print-me" not in proc.stdout and "pw123" not in proc.stdout
     assert msgspec.json.decode(proc.stdout)["postgres"]["url"] == "postgresql://u:***@h/db"
+
+
+def test_the_example_configuration_is_valid() -> None:
+    cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "example.toml", environ={})
+    assert cfg.exchanges.enabled() == ["binance", "upbit"]
+    assert cfg.executor.start_balances["upbit"]["KRW"] == 14_000_000
