@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import psycopg
 import pytest
-from executor_support import read_stream, start_executor, stop_process, wait_for
+from executor_support import BTC_KRW, read_stream, start_executor, stop_process, wait_for
 
 from services.executor.ledger import Database
 from services.executor.markets import MarketData
@@ -32,7 +32,7 @@ from services.rebalancer.service import guard_and_record
 from services.rebalancer.store import TransferRecord, TransferStore
 from services.rebalancer.transfers import IllegalTransition
 from shared.config import Config, Secrets, load_config
-from shared.models import Alert, Balance, Instrument, Transfer, encode
+from shared.models import Alert, Balance, Instrument, Transfer, TransferStep, encode
 from shared.runtime import FIELD, Bus
 from shared.simulator.orders import Fault, OrderSimulatorServer, SimulatedChain, SimulatedExchange, order_app
 from shared.simulator.orders_binance import binance_exchange
@@ -79,8 +79,8 @@ def simulated(api_keys: dict[str, str]) -> tuple[SimulatedExchange, SimulatedExc
     binance.add_key(api_keys["BINANCE_API_KEY"], api_keys["BINANCE_API_SECRET"])
     upbit.add_key(api_keys["UPBIT_API_KEY"], api_keys["UPBIT_API_SECRET"])
     books = {b.symbol: b for b in kimchi_books()}
-    usdt = books["USDT/KRW"]
-    upbit.set_book("KRW-USDT", "USDT", "KRW", usdt.bids, usdt.asks)
+    upbit.set_book("KRW-USDT", "USDT", "KRW", books["USDT/KRW"].bids, books["USDT/KRW"].asks)
+    upbit.set_book("KRW-BTC", "BTC", "KRW", books["BTC/KRW"].bids, books["BTC/KRW"].asks)
     binance.fund(START["binance"])
     upbit.fund(START["upbit"])
     upbit.withdraw_fees[("USDT", "TRX")] = D("1")
@@ -92,11 +92,12 @@ def simulated(api_keys: dict[str, str]) -> tuple[SimulatedExchange, SimulatedExc
 
 
 async def put_books(bus: Bus) -> None:
-    """What the collector keeps in Redis: the USDT/KRW rules and a fresh book."""
+    """What the collector keeps in Redis: Upbit's trading rules and fresh books."""
     now = time.time_ns()
     for book in kimchi_books(now):
         await bus.redis.set(bus.keys.latest_book(book.exchange, book.symbol), encode(book), ex=60)
     await bus.redis.hset(bus.keys.instruments("upbit"), "USDT/KRW", msgspec.json.encode(USDT_KRW))
+    await bus.redis.hset(bus.keys.instruments("upbit"), "BTC/KRW", msgspec.json.encode(BTC_KRW))
 
 
 async def record_approved(cfg: Config, bus: Bus, pg_url: str, destination: Node, mode: str = "live") -> TransferRecord:
@@ -260,6 +261,46 @@ async def test_bitcoin_withdrawal_from_binance_is_keyed_by_its_withdraw_order_id
     assert (w.amount, w.received) == (step.amount + step.fee, step.amount)
     assert rig.upbit.balances["BTC"] == D("0.2") + step.amount
     assert rig.binance.balances["BTC"] == D("1.8") - step.amount - step.fee
+
+
+async def test_a_step_after_a_withdrawal_waits_for_the_deposit_and_spends_what_was_credited(make_rig) -> None:  # type: ignore[no-untyped-def]
+    rig: Rig = await make_rig()
+    # BTC from Binance to Upbit, then sold there for KRW: a route the executor must chain.
+    steps = [TransferStep(kind="withdrawal", from_exchange="binance", to_exchange="upbit", from_asset="BTC",
+                          to_asset="BTC", amount=D("0.5"), fee=D("0.0002"), network="BTC", expected_seconds=1800,
+                          amount_out=D("0.5"), address=BTC_AT_UPBIT),
+             TransferStep(kind="conversion", from_exchange="upbit", to_exchange="upbit", from_asset="BTC",
+                          to_asset="KRW", amount=D("0.5"), network="BTC/KRW", amount_out=D("42478750"))]
+    msg = Transfer(transfer_id="tr-chained0000000000001", asset="KRW", steps=steps, state="approved",
+                   expected_cost=10.0, expected_seconds=1800.0, ts_ns=time.time_ns(), mode="live")
+    with psycopg.connect(rig.pg_url) as conn:  # as the rebalancer records an approved plan
+        now = time.time_ns()
+        conn.execute(
+            """INSERT INTO transfers (transfer_id, session, mode, state, asset, to_exchange, amount, from_exchange,
+                   from_asset, from_amount, expected_cost, cost_currency, expected_seconds, reason, approved_by,
+                   created_ns, updated_ns)
+               VALUES (%s, %s, 'live', 'approved', 'KRW', 'upbit', 42478750, 'binance', 'BTC', 0.5002, 10, 'USDT',
+                       1800, 'test', 'alice', %s, %s)""", (msg.transfer_id, rig.cfg.session, now, now))
+        for i, st in enumerate(steps):
+            conn.execute(
+                """INSERT INTO transfer_steps (transfer_id, step_index, kind, from_exchange, to_exchange, from_asset,
+                       to_asset, network, network_label, address, memo, amount, fee, amount_out, expected_seconds)
+                   VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)""",
+                (msg.transfer_id, i, st.kind, st.from_exchange, st.to_exchange, st.from_asset, st.to_asset,
+                 st.network, st.network_label, st.address, st.memo, st.amount, st.fee, st.amount_out,
+                 st.expected_seconds))
+    await rig.runner.handle(msg)
+    assert rig.upbit.orders == {}  # nothing to sell before the BTC is credited on Upbit
+    assert await rig.until_final(msg.transfer_id) == "completed"
+    [deposit] = rig.upbit.deposits
+    [order] = rig.upbit.orders.values()
+    assert deposit.amount == D("0.5") and order.created_ms >= deposit.created_ms
+    assert (order.side, order.quantity, order.executed) == ("sell", deposit.amount, deposit.amount)
+    received = order.quote_executed - order.fee
+    [(credited,)] = rig.rows("SELECT credited FROM transfer_steps WHERE transfer_id = %s AND step_index = 1",
+                             msg.transfer_id)
+    assert credited == received
+    assert rig.upbit.balances["KRW"] == D("118000000") + received
 
 
 @pytest.mark.parametrize("change", ["whitelist", "message"])
