@@ -366,6 +366,14 @@ class ExecutorSettings(_Section, frozen=True):
     binance_weight_per_minute: PosInt = 6_000
     upbit_orders_per_second: PosInt = 8
     upbit_requests_per_second: PosInt = 30
+    transfer_poll_interval_ms: PosInt = 10_000
+    """Live transfers: how often withdrawals in progress are asked about."""
+    transfer_timeout_s: PosInt = 4 * 3600
+    """Live transfers: a withdrawal not credited at its destination this long after it was
+    accepted fails its transfer (alerted: the funds may still arrive)."""
+    unknown_withdrawal_timeout_s: PosInt = 900
+    """Live transfers: a withdrawal request whose outcome stays unknown this long (not found
+    on the exchange) fails its transfer; it is never sent again."""
 
 
 class InventoryTarget(_Section, frozen=True, kw_only=True):

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import psycopg
@@ -451,7 +451,8 @@ class IntentHandler:
 
 
 def _execution_leg(row: ledger.OrderRow) -> ExecutionLeg:
-    role: Role = "hedge" if row.role == "hedge" else "unwind" if row.role == "unwind" else "entry"
+    role: Literal["entry", "hedge", "unwind"] = (
+        "hedge" if row.role == "hedge" else "unwind" if row.role == "unwind" else "entry")
     return ExecutionLeg(client_order_id=row.client_order_id, exchange=row.exchange, symbol=row.symbol, side=row.side,
                         status=row.status, quantity=row.quantity, filled_quantity=row.filled_quantity,
                         average_price=row.average_price, fee=row.fee, fee_asset=row.fee_asset, role=role)

@@ -21,7 +21,8 @@ from shared.models import BookSnapshot, FxRate, Instrument, OrderLeg, Side, spli
 from shared.money import meets_minimums, round_price, round_qty, round_to_step, tick_for, to_decimal
 from shared.runtime import Bus
 
-Role: TypeAlias = Literal["entry", "hedge", "unwind"]
+Role: TypeAlias = Literal["entry", "hedge", "unwind", "transfer"]
+"""``transfer``: a conversion step of a live rebalancing transfer (not part of an arbitrage)."""
 
 _instrument_decoder = msgspec.json.Decoder(Instrument)
 _book_decoder = msgspec.json.Decoder(BookSnapshot)

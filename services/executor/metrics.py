@@ -21,3 +21,4 @@ ORDER_SECONDS = Histogram(
 REALISED_PNL = Gauge("arb_executor_realised_pnl",
                      "Realised PnL of the session in the reference currency, summed from the trades ledger")
 BALANCE = Gauge("arb_executor_balance", "Balance (free + locked) per venue and asset", ["exchange", "asset", "mode"])
+TRANSFERS = Counter("arb_executor_transfers_total", "Live transfer state changes published, by state", ["state"])

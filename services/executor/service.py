@@ -2,6 +2,12 @@
 fills on the live book by default; signed REST orders only in live mode with API keys), and
 publishes ``fills``, ``order_updates``, ``executions``, ``balances`` and ``alerts``.
 
+It also reads ``transfers`` and, in live mode, carries out approved live transfers
+(``services.executor.transfers``); a background loop follows the ones under way
+(withdrawals in flight) every ``executor.transfer_poll_interval_ms``. Transfers have their
+own PostgreSQL connection: a transfer's first step is sent inside a transaction, which
+must not take in an intent's statements.
+
 Replicas share the ``executor`` group. An intent is acknowledged only after its rows are in
 PostgreSQL and its outputs are in Redis; while PostgreSQL or an exchange is unreachable the
 intent is retried in place (``Retryable``) and /health reports ``degraded``.
@@ -23,15 +29,17 @@ from services.executor.fills import FillSimulator
 from services.executor.ledger import Database
 from services.executor.markets import MarketData
 from services.executor.ratelimit import SharedBudget
+from services.executor.transfers import LiveTransferRunner
 from services.executor.venues.base import HttpVenue
 from services.executor.venues.binance import BinanceVenue
 from services.executor.venues.paper import PaperVenue
 from services.executor.venues.upbit import UpbitVenue
 from shared.config import Config, Secrets
 from shared.ledger import seed_balances
-from shared.runtime import Bus, Delivery, Retryable
+from shared.models import Transfer, decoder_for
+from shared.runtime import Bus, Delivery, Retryable, is_redis_down
 from shared.service import Service
-from shared.streams import ALERTS, BALANCES, EXECUTIONS, FILLS, ORDER_UPDATES, ORDERS, Domain, Group
+from shared.streams import ALERTS, BALANCES, EXECUTIONS, FILLS, ORDER_UPDATES, ORDERS, TRANSFERS, Domain, Group
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +96,14 @@ class ExecutorService(Service):
         # Small batches: an intent's acknowledgement waits for the rest of its batch.
         self.consumer(Group.EXECUTOR, [ORDERS], self._on_intent, decoder=decode_intent,
                       batch_size=min(cfg.redis.batch_size, 16))
+        self.transfer_db = Database(cfg.postgres.url)
+        self.transfers = LiveTransferRunner(cfg, db=self.transfer_db, market=self.market, live=self.live,
+                                            bus=self.bus)
+        self.consumer(Group.EXECUTOR, [TRANSFERS], self._on_transfer, decoder=decoder_for(Transfer).decode,
+                      batch_size=8)
         self.background(self._pnl_gauge)
+        if cfg.trading.mode == "live":
+            self.background(self._watch_transfers)
 
     async def _pnl_gauge(self) -> None:
         """The session's realised PnL as the ledger has it (its own connection: the intents'
@@ -103,6 +118,30 @@ class ExecutorService(Service):
                 m.REALISED_PNL.set(float(row[0]) if row else 0.0)
             except psycopg.Error:
                 continue  # the intents' path reports the database being down
+
+    async def _on_transfer(self, delivery: Delivery) -> None:
+        try:
+            published = await self.transfers.handle(delivery.message)
+        except Retryable as exc:
+            m.RETRIES.labels(type(exc).__name__).inc()
+            raise
+        for t in published:
+            m.TRANSFERS.labels(t.state).inc()
+
+    async def _watch_transfers(self) -> None:
+        """Follow live transfers under way; the first pass resumes what a restart left."""
+        interval = self.cfg.executor.transfer_poll_interval_ms / 1000
+        while True:
+            try:
+                for t in await self.transfers.watch():
+                    m.TRANSFERS.labels(t.state).inc()
+            except Exception as exc:
+                if not (isinstance(exc, Retryable) or is_redis_down(exc)):
+                    raise
+                m.RETRIES.labels(type(exc).__name__).inc()
+                log.warning("live transfers not followed this round", extra={"error": str(exc)[:300]})
+            if not await self.sleep(interval):
+                return
 
     async def _on_connect(self, conn: AsyncConnection) -> None:
         if self.cfg.trading.mode == "paper" and self.cfg.executor.start_balances:
@@ -147,3 +186,4 @@ class ExecutorService(Service):
         for venue in self.live.values():
             await venue.close()
         await self.db.close()
+        await self.transfer_db.close()

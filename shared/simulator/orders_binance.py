@@ -12,6 +12,17 @@
 - Commission in the asset received (buy: base, sell: quote), at the exchange's fee rate,
   exact (no rounding to the asset's precision).
 - An IOC/FOK that did not fill completely ends ``EXPIRED``, as on Binance.
+
+Wallet endpoints (``developers.binance.com/docs/wallet``), signed the same way:
+- ``POST /sapi/v1/capital/withdraw/apply`` (UID weight 900): ``coin, network, address,
+  addressTag, amount, withdrawOrderId`` -> ``{"id": ...}``; the fee comes out of ``amount``.
+- ``GET /sapi/v1/capital/withdraw/history`` (weight 18000; ``coin``, ``withdrawOrderId``,
+  ``idList``): ``status`` 4 processing, 6 completed, 5 failure, with ``txId`` once done.
+- ``GET /sapi/v1/capital/deposit/hisrec`` (weight 1; ``coin``, ``txId``): ``status`` 1 success.
+- ``GET /api/v3/account`` (weight 20; ``omitZeroBalances``): ``balances[] {asset, free, locked}``.
+- SAPI weight is counted per second (180,000, the documented per-IP second limit) apart
+  from the order endpoints' per-minute weight. Error codes for refused withdrawals
+  (``-4026`` no funds, ``-4019`` network or amount) are this simulator's choice.
 """
 
 from __future__ import annotations
@@ -20,13 +31,14 @@ import hashlib
 import hmac
 import re
 import time
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-from shared.simulator.orders import Fault, OrderRequest, SimOrder, SimulatedExchange, hold_then_cut
+from shared.simulator.orders import Fault, OrderRequest, SimOrder, SimulatedExchange, SimWithdrawal, hold_then_cut
 
 _SIGNATURE = re.compile(r"(?:^|&)signature=([0-9a-fA-F]*)$")
 
@@ -36,7 +48,9 @@ def binance_exchange(*, fee_rate: Decimal = Decimal("0.001"), deplete: bool = Fa
                  quote: str) -> tuple[Decimal, str]:
         return (qty * fee_rate, base) if side == "buy" else (price * qty * fee_rate, quote)
 
-    return SimulatedExchange("binance", fee_rate=fee_rate, fee_rule=fee_rule, deplete=deplete)
+    ex = SimulatedExchange("binance", fee_rate=fee_rate, fee_rule=fee_rule, deplete=deplete)
+    ex.fee_in_amount = True
+    return ex
 
 
 def _fmt(value: Decimal) -> str:
@@ -50,8 +64,12 @@ def _error(status: int, code: int, msg: str, headers: dict[str, str] | None = No
 
 
 class _Limits:
-    def __init__(self, weight_per_minute: int, ban_s: float) -> None:
+    def __init__(self, weight_per_minute: int, ban_s: float, window_s: float = 60.0,
+                 header: str = "X-MBX-USED-WEIGHT-1M") -> None:
         self.weight_per_minute = weight_per_minute
+        """Weight allowed per window (a minute for the order endpoints)."""
+        self.window_s = window_s
+        self.header = header
         self.ban_s = ban_s
         self.minute = -1
         self.used = 0
@@ -69,27 +87,28 @@ class _Limits:
             ex.requests["banned"] += 1
             return _error(418, -1003, "Way too much request weight used; IP banned.",
                           {"Retry-After": str(int(self.ban_s))})
-        minute = int(now // 60)
+        minute = int(now // self.window_s)
         if minute != self.minute:
             self.minute, self.used = minute, 0
         self.used += weight
         if self.used > self.weight_per_minute:
-            return self.throttle(ex, (minute + 1) * 60 - now)
+            return self.throttle(ex, (minute + 1) * self.window_s - now)
         return None
 
     def throttle(self, ex: SimulatedExchange, retry_after_s: float) -> web.Response:
         self.backoff_until = time.time() + retry_after_s
         ex.requests["throttled"] += 1
         return _error(429, -1003, "Too much request weight used.",
-                      {"Retry-After": f"{retry_after_s:g}", "X-MBX-USED-WEIGHT-1M": str(self.used)})
+                      {"Retry-After": f"{retry_after_s:g}", self.header: str(self.used)})
 
     def headers(self) -> dict[str, str]:
-        return {"X-MBX-USED-WEIGHT-1M": str(self.used)}
+        return {self.header: str(self.used)}
 
 
 def add_binance_routes(app: web.Application, ex: SimulatedExchange, *, weight_per_minute: int = 6000,
-                       ban_s: float = 120.0) -> None:
+                       ban_s: float = 120.0, sapi_weight_per_second: int = 180_000) -> None:
     limits = _Limits(weight_per_minute, ban_s)
+    sapi = _Limits(sapi_weight_per_second, ban_s, window_s=1.0, header="X-SAPI-USED-IP-WEIGHT-1S")
 
     def authenticate(request: web.Request, body: str) -> dict[str, str] | web.Response:
         secret = ex.credentials.get(request.headers.get("X-MBX-APIKEY", ""))
@@ -151,7 +170,7 @@ def add_binance_routes(app: web.Application, ex: SimulatedExchange, *, weight_pe
                 ex.requests["banned"] += 1
                 return _error(418, -1003, "IP banned.", {"Retry-After": f"{fault.retry_after_s:g}"})
             return limits.throttle(ex, fault.retry_after_s)
-        if kind == "reject":
+        if kind == "reject" or ex.lacks_funds(symbol, side, price, quantity):  # type: ignore[arg-type]
             return _error(400, -2010, "Account has insufficient balance for requested action.", limits.headers())
         if fault is not None and kind == "timeout_before_accept":
             return await hold_then_cut(request, fault)
@@ -206,9 +225,124 @@ def add_binance_routes(app: web.Application, ex: SimulatedExchange, *, weight_pe
              "isBuyer": order.side == "buy", "isMaker": False, "isBestMatch": True} for t in order.trades]
         return web.json_response(trades, headers=limits.headers())
 
+    async def account(request: web.Request) -> web.Response:
+        ex.requests["account"] += 1
+        gated = limits.gate(ex, 20)
+        if gated is not None:
+            return gated
+        params = authenticate(request, "")
+        if isinstance(params, web.Response):
+            return params
+        ex.settle()
+        omit = params.get("omitZeroBalances", "false") == "true"
+        balances = [{"asset": a, "free": _fmt(v), "locked": _fmt(Decimal(0))}
+                    for a, v in sorted(ex.balances.items()) if not (omit and v == 0)]
+        return web.json_response({"makerCommission": 10, "takerCommission": 10, "canTrade": True,
+                                  "canWithdraw": True, "canDeposit": True, "accountType": "SPOT",
+                                  "updateTime": int(time.time() * 1000), "balances": balances,
+                                  "permissions": ["SPOT"]}, headers=limits.headers())
+
+    async def withdraw_apply(request: web.Request) -> web.StreamResponse:
+        ex.requests["withdraw"] += 1
+        gated = sapi.gate(ex, 900)
+        if gated is not None:
+            return gated
+        params = authenticate(request, await request.text())
+        if isinstance(params, web.Response):
+            return params
+        try:
+            coin, address, amount = params["coin"], params["address"], Decimal(params["amount"])
+        except (KeyError, ArithmeticError):
+            return _error(400, -1102, "Mandatory parameter was not sent, was empty/null, or malformed.")
+        cid = params.get("withdrawOrderId", "")
+        fault = ex.take_withdrawal_fault(cid)
+        kind = fault.kind if fault else None
+        if fault is not None and kind in ("http_429", "http_418"):
+            if kind == "http_418":
+                sapi.banned_until = time.time() + fault.retry_after_s
+                ex.requests["banned"] += 1
+                return _error(418, -1003, "IP banned.", {"Retry-After": f"{fault.retry_after_s:g}"})
+            return sapi.throttle(ex, fault.retry_after_s)
+        if kind == "reject":
+            return _error(400, -4026, "The user has insufficient balance available", sapi.headers())
+        if fault is not None and kind == "timeout_before_accept":
+            return await hold_then_cut(request, fault)
+        accepted = ex.withdraw(client_id=cid, asset=coin, network=params.get("network", ""), address=address,
+                               memo=params.get("addressTag", ""), amount=amount, fails=kind == "fail_after_accept")
+        if isinstance(accepted, str):
+            code = -4026 if accepted.startswith("insufficient") else -4019
+            return _error(400, code, accepted, sapi.headers())
+        if fault is not None and kind == "timeout_after_accept":
+            return await hold_then_cut(request, fault)
+        if kind == "disconnect_after_accept":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=504)
+        if kind == "http_500_after_accept":
+            return _error(500, -1007, "Timeout waiting for response from backend server.")
+        return web.json_response({"id": accepted.withdrawal_id}, headers=sapi.headers())
+
+    async def withdraw_history(request: web.Request) -> web.Response:
+        ex.requests["withdraw_history"] += 1
+        gated = sapi.gate(ex, 18_000)
+        if gated is not None:
+            return gated
+        params = authenticate(request, "")
+        if isinstance(params, web.Response):
+            return params
+        ex.settle()
+        ids = set(params["idList"].split(",")) if params.get("idList") else None
+        found = [w for w in ex.withdrawals
+                 if params.get("coin", w.asset) == w.asset
+                 and params.get("withdrawOrderId", w.client_id) == w.client_id
+                 and (ids is None or w.withdrawal_id in ids)]
+        return web.json_response([_withdrawal_doc(w) for w in reversed(found)], headers=sapi.headers())
+
+    async def deposit_history(request: web.Request) -> web.Response:
+        ex.requests["deposit_history"] += 1
+        gated = sapi.gate(ex, 1)
+        if gated is not None:
+            return gated
+        params = authenticate(request, "")
+        if isinstance(params, web.Response):
+            return params
+        ex.settle()
+        found = [d for d in ex.deposits
+                 if params.get("coin", d.asset) == d.asset and params.get("txId", d.txid) == d.txid]
+        return web.json_response([
+            {"id": d.deposit_id, "amount": _fmt(d.amount), "coin": d.asset, "network": d.network, "status": 1,
+             "address": d.address, "addressTag": d.memo, "txId": d.txid, "insertTime": d.created_ms,
+             "completeTime": d.created_ms, "transferType": 0, "confirmTimes": "1/1", "unlockConfirm": 0,
+             "walletType": 0} for d in reversed(found)], headers=sapi.headers())
+
     app.router.add_post("/api/v3/order", new_order)
     app.router.add_get("/api/v3/order", query_order)
     app.router.add_get("/api/v3/myTrades", my_trades)
+    app.router.add_get("/api/v3/account", account)
+    app.router.add_post("/sapi/v1/capital/withdraw/apply", withdraw_apply)
+    app.router.add_get("/sapi/v1/capital/withdraw/history", withdraw_history)
+    app.router.add_get("/sapi/v1/capital/deposit/hisrec", deposit_history)
+
+
+_WITHDRAW_STATUS = {"processing": 4, "done": 6, "failed": 5}
+
+
+def _withdrawal_doc(w: SimWithdrawal) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": w.withdrawal_id, "amount": _fmt(w.amount), "transactionFee": _fmt(w.fee), "coin": w.asset,
+        "status": _WITHDRAW_STATUS[w.status], "address": w.address, "txId": w.txid,
+        "applyTime": datetime.fromtimestamp(w.created_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        "network": w.network, "transferType": 0, "confirmNo": 1 if w.status == "done" else 0, "walletType": 0,
+    }
+    if w.memo:
+        doc["addressTag"] = w.memo
+    if w.client_id:
+        doc["withdrawOrderId"] = w.client_id
+    if w.status == "failed":
+        doc["info"] = "The withdrawal failed"
+    if w.done_ms:
+        doc["completeTime"] = datetime.fromtimestamp(w.done_ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return doc
 
 
 def _order_doc(order: SimOrder) -> dict[str, Any]:

@@ -15,6 +15,18 @@ rate-limits) for the simulator.
 - Requests per second per group with ``Remaining-Req: group=..; min=..; sec=N``; over the
   limit a 429; a request within the second after a 429 gets a 418 block (with
   ``Retry-After``).
+
+Wallet endpoints (``reference/디지털자산-출금하기``, ``개별-출금-조회``, ``list-withdrawals``,
+``입금-리스트-조회``, ``전체-계좌-조회``), group ``default``, signed the same way:
+- ``POST /v1/withdraws/coin`` JSON ``currency, net_type, amount, address, secondary_address,
+  transaction_type``: the withdrawal (``uuid``, ``state`` ``WAITING``); the fee is charged on
+  top of ``amount``. No client-side id exists for withdrawals.
+- ``GET /v1/withdraw?uuid=``, ``GET /v1/withdraws?currency=&limit=&order_by=`` (newest first):
+  ``state`` ``WAITING``/``PROCESSING``/``DONE``/``FAILED``, ``txid`` once done.
+- ``GET /v1/deposits?currency=&txids[]=``: ``state`` ``ACCEPTED`` once credited.
+- ``GET /v1/accounts``: ``[{currency, balance, locked, avg_buy_price, ...}]``.
+- Error names for refused withdrawals and unknown uuids (``insufficient_funds_withdraw``,
+  ``invalid_withdraw``, ``withdraw_not_found``) are this simulator's.
 """
 
 from __future__ import annotations
@@ -27,11 +39,18 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any, Literal
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qs, parse_qsl, unquote
 
 from aiohttp import web
 
-from shared.simulator.orders import OrderRequest, SimOrder, SimulatedExchange, hold_then_cut
+from shared.simulator.orders import (
+    OrderRequest,
+    SimDeposit,
+    SimOrder,
+    SimulatedExchange,
+    SimWithdrawal,
+    hold_then_cut,
+)
 
 KST = timezone(timedelta(hours=9))
 
@@ -179,7 +198,7 @@ def add_upbit_routes(app: web.Application, ex: SimulatedExchange, *, orders_per_
                 ex.requests["banned"] += 1
                 return _error(418, "too_many_requests", "blocked", {"Retry-After": f"{fault.retry_after_s:g}"})
             return limits.throttle(ex, "order")
-        if kind == "reject":
+        if kind == "reject" or ex.lacks_funds(market, side, price, volume):  # type: ignore[arg-type]
             name = "insufficient_funds_bid" if side == "buy" else "insufficient_funds_ask"
             return _error(400, name, "주문가능한 금액이 부족합니다.", limits.headers("order"))
         if fault is not None and kind == "timeout_before_accept":
@@ -218,8 +237,115 @@ def add_upbit_routes(app: web.Application, ex: SimulatedExchange, *, orders_per_
             return _error(404, "order_not_found", "주문을 찾지 못했습니다.", limits.headers("default"))
         return web.json_response(_order_doc(order, final=True), headers=limits.headers("default"))
 
+    async def signed_query(request: web.Request) -> dict[str, str] | web.Response:
+        gated = limits.gate(ex, "default")
+        if gated is not None:
+            return gated
+        query = unquote(request.query_string)
+        denied = authenticate(request, query)
+        if denied is not None:
+            return denied
+        ex.settle()
+        return dict(parse_qsl(query))
+
+    async def accounts(request: web.Request) -> web.Response:
+        ex.requests["account"] += 1
+        params = await signed_query(request)
+        if isinstance(params, web.Response):
+            return params
+        return web.json_response([
+            {"currency": a, "balance": _s(v), "locked": "0", "avg_buy_price": "0", "avg_buy_price_modified": False,
+             "unit_currency": "KRW"} for a, v in sorted(ex.balances.items())], headers=limits.headers("default"))
+
+    async def withdraw_coin(request: web.Request) -> web.StreamResponse:
+        ex.requests["withdraw"] += 1
+        gated = limits.gate(ex, "default")
+        if gated is not None:
+            return gated
+        try:
+            body = json.loads(await request.text(), parse_float=Decimal)
+        except json.JSONDecodeError:
+            return _error(400, "invalid_parameter_format", "body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "invalid_parameter_format", "body is not an object")
+        denied = authenticate(request, body_query_string(body))
+        if denied is not None:
+            return denied
+        try:
+            currency, net_type = str(body["currency"]), str(body["net_type"])
+            amount, address = Decimal(str(body["amount"])), str(body["address"])
+        except (KeyError, ArithmeticError):
+            return _error(400, "invalid_parameter", "currency, net_type, amount and address are required")
+        fault = ex.take_withdrawal_fault("")
+        kind = fault.kind if fault else None
+        if fault is not None and kind in ("http_429", "http_418"):
+            if kind == "http_418":
+                limits.blocked_until = time.time() + fault.retry_after_s
+                ex.requests["banned"] += 1
+                return _error(418, "too_many_requests", "blocked", {"Retry-After": f"{fault.retry_after_s:g}"})
+            return limits.throttle(ex, "default")
+        if kind == "reject":
+            return _error(400, "insufficient_funds_withdraw", "출금가능 수량이 부족합니다.", limits.headers("default"))
+        if fault is not None and kind == "timeout_before_accept":
+            return await hold_then_cut(request, fault)
+        accepted = ex.withdraw(client_id="", asset=currency, network=net_type, address=address,
+                               memo=str(body.get("secondary_address") or ""), amount=amount,
+                               fails=kind == "fail_after_accept")
+        if isinstance(accepted, str):
+            name = "insufficient_funds_withdraw" if accepted.startswith("insufficient") else "invalid_withdraw"
+            return _error(400, name, accepted, limits.headers("default"))
+        if fault is not None and kind == "timeout_after_accept":
+            return await hold_then_cut(request, fault)
+        if kind == "disconnect_after_accept":
+            if request.transport is not None:
+                request.transport.close()
+            return web.Response(status=504)
+        if kind == "http_500_after_accept":
+            return _error(500, "server_error", "internal error")
+        return web.json_response(_withdrawal_doc(accepted, submitted=True), status=201,
+                                 headers=limits.headers("default"))
+
+    async def get_withdrawal(request: web.Request) -> web.Response:
+        ex.requests["withdraw_history"] += 1
+        params = await signed_query(request)
+        if isinstance(params, web.Response):
+            return params
+        found = next((w for w in ex.withdrawals if w.withdrawal_id == params.get("uuid")
+                      or (w.txid and w.txid == params.get("txid"))), None)
+        if found is None:
+            return _error(404, "withdraw_not_found", "출금 내역을 찾지 못했습니다.", limits.headers("default"))
+        return web.json_response(_withdrawal_doc(found), headers=limits.headers("default"))
+
+    async def list_withdrawals(request: web.Request) -> web.Response:
+        ex.requests["withdraw_history"] += 1
+        params = await signed_query(request)
+        if isinstance(params, web.Response):
+            return params
+        uuids = set(parse_qs(unquote(request.query_string)).get("uuids[]", []))
+        found = [w for w in ex.withdrawals if params.get("currency", w.asset) == w.asset
+                 and (not uuids or w.withdrawal_id in uuids)]
+        if params.get("order_by", "desc") == "desc":
+            found.reverse()
+        limit = int(params.get("limit", "100"))
+        return web.json_response([_withdrawal_doc(w) for w in found[:limit]], headers=limits.headers("default"))
+
+    async def list_deposits(request: web.Request) -> web.Response:
+        ex.requests["deposit_history"] += 1
+        params = await signed_query(request)
+        if isinstance(params, web.Response):
+            return params
+        txids = set(parse_qs(unquote(request.query_string)).get("txids[]", []))
+        found = [d for d in reversed(ex.deposits) if params.get("currency", d.asset) == d.asset
+                 and (not txids or d.txid in txids)]
+        return web.json_response([_deposit_doc(d) for d in found], headers=limits.headers("default"))
+
     app.router.add_post("/v1/orders", new_order)
     app.router.add_get("/v1/order", get_order)
+    app.router.add_get("/v1/accounts", accounts)
+    app.router.add_post("/v1/withdraws/coin", withdraw_coin)
+    app.router.add_get("/v1/withdraw", get_withdrawal)
+    app.router.add_get("/v1/withdraws", list_withdrawals)
+    app.router.add_get("/v1/deposits", list_deposits)
 
 
 def _iso(ms: int) -> str:
@@ -228,6 +354,26 @@ def _iso(ms: int) -> str:
 
 def _s(value: Decimal) -> str:
     return f"{value.normalize():f}"
+
+
+_WITHDRAW_STATE = {"processing": "PROCESSING", "done": "DONE", "failed": "FAILED"}
+
+
+def _withdrawal_doc(w: SimWithdrawal, *, submitted: bool = False) -> dict[str, Any]:
+    return {
+        "type": "withdraw", "uuid": w.withdrawal_id, "currency": w.asset, "net_type": w.network,
+        "txid": w.txid or None, "state": "WAITING" if submitted else _WITHDRAW_STATE[w.status],
+        "created_at": _iso(w.created_ms), "done_at": _iso(w.done_ms) if w.done_ms else None,
+        "amount": _s(w.amount), "fee": _s(w.fee), "transaction_type": "default", "is_cancelable": False,
+    }
+
+
+def _deposit_doc(d: SimDeposit) -> dict[str, Any]:
+    return {
+        "type": "deposit", "uuid": d.deposit_id, "currency": d.asset, "net_type": d.network, "txid": d.txid,
+        "state": "ACCEPTED", "created_at": _iso(d.created_ms), "done_at": _iso(d.created_ms),
+        "amount": _s(d.amount), "fee": "0", "transaction_type": "default",
+    }
 
 
 def _order_doc(order: SimOrder, *, final: bool) -> dict[str, Any]:

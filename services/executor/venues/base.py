@@ -7,6 +7,11 @@ the request never reached the matching engine (429 or 418) allows sending it aga
 the back-off the exchange asked for. An order not found after its deadline (the last moment
 the request could still be accepted, plus a clock margin) never reached the exchange and
 ends EXPIRED. An order still open (IOC in flight) is polled until it is final.
+
+Withdrawals (live transfers) follow the same rule: ``withdraw`` sends a request once and
+returns None when the answer leaves its outcome unknown; only a 429/418 lets it send again
+(same request, same client id where the exchange has one). What became of it is asked with
+``find_withdrawal``, never by sending it again.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias, TypeVar
 
 import aiohttp
 import msgspec
@@ -29,6 +34,7 @@ from services.executor.ratelimit import RateLimiter, SharedBudget
 from shared.models import OrderStatus
 
 ZERO = Decimal(0)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,53 @@ class ServerError(Exception):
     """5xx: the request may or may not have been executed."""
 
 
+class WithdrawalRefused(Exception):
+    """The exchange refused the withdrawal request: nothing left the account."""
+
+
+class ExchangeUnavailable(Exception):
+    """A wallet or account query got no usable answer; ask again later."""
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalRequest:
+    client_id: str
+    """Our id of the withdrawal (Binance ``withdrawOrderId``; Upbit has no such field)."""
+    asset: str
+    network: str
+    """The exchange's own name of the network."""
+    address: str
+    memo: str
+    amount: Decimal
+    """The request's ``amount``, in the exchange's convention (see ``HttpVenue.fee_in_amount``)."""
+    claimed_ns: int
+    """When the request was recorded, just before it was first sent."""
+    not_after_ns: int
+    """The last moment the request may still reach the exchange (Binance: ``recvWindow``)."""
+
+
+WalletStatus: TypeAlias = Literal["pending", "done", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class WithdrawalState:
+    withdrawal_id: str
+    status: WalletStatus
+    amount: Decimal | None = None
+    fee: Decimal | None = None
+    txid: str = ""
+    detail: str = ""
+    """The exchange's own status (and reason, when it gives one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DepositState:
+    status: WalletStatus
+    """``done``: credited to the account."""
+    amount: Decimal
+    detail: str = ""
+
+
 def parse_time_ns(text: str) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1_000_000) * 1000
 
@@ -85,6 +138,9 @@ class HttpVenue(ABC):
 
     name: str = ""
     limiter: RateLimiter
+    fee_in_amount: bool = False
+    """True when the exchange takes a withdrawal's fee out of the request's ``amount`` (what
+    arrives is ``amount - fee``); False when it charges the fee on top."""
 
     def __init__(
         self,
@@ -108,6 +164,8 @@ class HttpVenue(ABC):
         self._session: aiohttp.ClientSession | None = None
         self.sent = 0
         """Order-placing requests sent (429s included)."""
+        self.sent_withdrawals = 0
+        """Withdrawal requests sent (429s included)."""
 
     def limiters(self) -> list[RateLimiter]:
         return [self.limiter]
@@ -216,6 +274,62 @@ class HttpVenue(ABC):
                 return found
         raise OrderStateUnknown(f"{self.name} {order.client_order_id}: still open after "
                                 f"{self.poll_timeout_s:.1f} s")
+
+    # ------------------------------------------------------------------ wallet (live transfers)
+
+    @abstractmethod
+    async def _withdraw(self, request: WithdrawalRequest) -> WithdrawalState | None:
+        """Send the withdrawal request once: the exchange's answer, or None when it leaves the
+        outcome unknown. Raises ``WithdrawalRefused``, ``Throttled``, aiohttp/timeout errors."""
+
+    @abstractmethod
+    async def _find_withdrawal(self, request: WithdrawalRequest, withdrawal_id: str,
+                               taken: frozenset[str]) -> WithdrawalState | None:
+        """The withdrawal as the exchange knows it (by its id when known, else by what the
+        exchange can look it up by); None when it does not know it. ``taken``: withdrawal ids
+        that belong to other requests."""
+
+    @abstractmethod
+    async def _find_deposit(self, asset: str, txid: str) -> DepositState | None:
+        """The deposit of transaction ``txid`` into this account; None when not seen yet."""
+
+    @abstractmethod
+    async def _balances(self) -> dict[str, tuple[Decimal, Decimal]]:
+        """Every asset of the account: (free, locked)."""
+
+    async def withdraw(self, request: WithdrawalRequest) -> WithdrawalState | None:
+        """Send a withdrawal request; None when its outcome is unknown (look it up, never resend)."""
+        while True:
+            try:
+                self.sent_withdrawals += 1
+                return await self._withdraw(request)
+            except Throttled as exc:
+                if self.clock_ns() >= request.not_after_ns:
+                    raise WithdrawalRefused(f"{exc}: not sent before its deadline") from None
+                continue  # refused before processing: the same request may go again after the back-off
+            except (aiohttp.ClientError, TimeoutError, ServerError):
+                return None
+
+    async def find_withdrawal(self, request: WithdrawalRequest, withdrawal_id: str = "",
+                              taken: frozenset[str] = frozenset()) -> WithdrawalState | None:
+        return await self._wallet_query(lambda: self._find_withdrawal(request, withdrawal_id, taken))
+
+    async def find_deposit(self, asset: str, txid: str) -> DepositState | None:
+        return await self._wallet_query(lambda: self._find_deposit(asset, txid))
+
+    async def balances(self) -> dict[str, tuple[Decimal, Decimal]]:
+        return await self._wallet_query(self._balances)
+
+    async def _wallet_query(self, query: Callable[[], Awaitable[_T]]) -> _T:
+        while True:
+            try:
+                return await query()
+            except Throttled:
+                continue  # the limiter now holds the next request back
+            except (aiohttp.ClientError, TimeoutError) as exc:  # its text may carry a signed URL: name only
+                raise ExchangeUnavailable(f"{self.name}: {type(exc).__name__}") from exc
+            except (ServerError, ValueError, KeyError, ArithmeticError) as exc:  # our own texts
+                raise ExchangeUnavailable(f"{self.name}: {type(exc).__name__}: {exc}"[:300]) from exc
 
     async def _query_or_unknown(self, order: PreparedOrder) -> VenueResult | None:
         while True:

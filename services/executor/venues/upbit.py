@@ -12,6 +12,24 @@
   identifier means it is taken, so the order is looked up, never re-sent under a new id.
 - Limits per second: group ``order`` (8, 12 from 2026-08-21) and ``default`` (30); the
   ``Remaining-Req`` header says what is left this second; 429 then 418 if ignored.
+
+Wallet (``reference/디지털자산-출금하기``, ``개별-출금-조회``, ``list-withdrawals``,
+``개별-입금-조회``, ``전체-계좌-조회``; group ``default``):
+- Withdraw: ``POST /v1/withdraws/coin`` JSON ``currency, net_type, amount, address,
+  secondary_address, transaction_type=default`` -> the withdrawal with its ``uuid``. The
+  destination must be registered as an allowed address on Upbit's site beforehand.
+- Upbit has no client-side id for withdrawals and no request expiry: a request whose answer
+  was lost is looked for in ``GET /v1/withdraws?currency=&limit=100&order_by=desc`` as the
+  one of the same ``net_type`` and ``amount`` created after the request was recorded and
+  not already owned by another request. Until it shows, its outcome stays unknown: it is
+  never sent again.
+- Status: ``GET /v1/withdraw?uuid=``, ``state`` ``WAITING``/``PROCESSING`` pending, ``DONE``
+  done, ``FAILED``/``CANCELLED``/``REJECTED`` failed (older lower-case states are read too).
+- Deposits: ``GET /v1/deposits?currency=&txids[]=``: ``ACCEPTED`` credited; ``PROCESSING``,
+  ``TRAVEL_RULE_SUSPECTED`` pending; ``CANCELLED``, ``REJECTED``, ``REFUNDING``, ``REFUNDED``
+  failed.
+- Balances: ``GET /v1/accounts`` ``[{currency, balance, locked}]``. The withdrawal fee is
+  charged on top of ``amount`` (not stated in the API pages).
 """
 
 from __future__ import annotations
@@ -24,11 +42,27 @@ import msgspec
 from services.executor.markets import PreparedOrder
 from services.executor.ratelimit import RateLimiter
 from services.executor.signing import upbit_query_string, upbit_token
-from services.executor.venues.base import HttpVenue, ServerError, VenueFill, VenueResult, fmt_decimal, parse_time_ns
+from services.executor.venues.base import (
+    DepositState,
+    HttpVenue,
+    ServerError,
+    VenueFill,
+    VenueResult,
+    WalletStatus,
+    WithdrawalRefused,
+    WithdrawalRequest,
+    WithdrawalState,
+    fmt_decimal,
+    parse_time_ns,
+)
 from shared.config import Secret
 from shared.models import OrderStatus
 
 _FEE_QUANTUM = Decimal("1e-8")
+_WITHDRAW_STATE: dict[str, WalletStatus] = {"DONE": "done", "FAILED": "failed", "CANCELLED": "failed",
+                                            "CANCELED": "failed", "REJECTED": "failed"}
+_DEPOSIT_STATE: dict[str, WalletStatus] = {"ACCEPTED": "done", "CANCELLED": "failed", "CANCELED": "failed",
+                                           "REJECTED": "failed", "REFUNDING": "failed", "REFUNDED": "failed"}
 
 
 class UpbitVenue(HttpVenue):
@@ -83,6 +117,73 @@ class UpbitVenue(HttpVenue):
             return None
         raise ServerError(f"upbit: HTTP {status} {name} {message}".strip())
 
+    # ------------------------------------------------------------------ wallet
+
+    async def _withdraw(self, request: WithdrawalRequest) -> WithdrawalState | None:
+        if self.clock_ns() >= request.not_after_ns:
+            raise WithdrawalRefused("deadline passed before the withdrawal could be sent")
+        body = {"currency": request.asset, "net_type": request.network, "amount": fmt_decimal(request.amount),
+                "address": request.address}
+        if request.memo:
+            body["secondary_address"] = request.memo
+        body["transaction_type"] = "default"
+        headers = self._auth(upbit_query_string(body)) | {"Content-Type": "application/json; charset=utf-8"}
+        status, data = await self._send(self.limiter, 1, "POST", f"{self.base_url}/v1/withdraws/coin",
+                                        headers=headers, data=msgspec.json.encode(body),
+                                        deadline_ns=request.not_after_ns)
+        if status in (200, 201) and isinstance(data, dict) and data.get("uuid"):
+            return _withdrawal(data)
+        name, message = _error(data)
+        if not name:
+            return None  # no Upbit error: we cannot tell whether it was processed
+        raise WithdrawalRefused(f"upbit {name}: {message}")
+
+    async def _find_withdrawal(self, request: WithdrawalRequest, withdrawal_id: str,
+                               taken: frozenset[str]) -> WithdrawalState | None:
+        if withdrawal_id:
+            query = upbit_query_string({"uuid": withdrawal_id})
+            status, data = await self._send(self.limiter, 1, "GET", f"{self.base_url}/v1/withdraw?{query}",
+                                            headers=self._auth(query))
+            if status == 200 and isinstance(data, dict):
+                return _withdrawal(data)
+            name, message = _error(data)
+            raise ServerError(f"upbit: HTTP {status} {name} {message}".strip())
+        query = upbit_query_string({"currency": request.asset, "limit": 100, "order_by": "desc"})
+        status, data = await self._send(self.limiter, 1, "GET", f"{self.base_url}/v1/withdraws?{query}",
+                                        headers=self._auth(query))
+        if status != 200 or not isinstance(data, list):
+            name, message = _error(data)
+            raise ServerError(f"upbit: HTTP {status} {name} {message}".strip())
+        since = request.claimed_ns - self.clock_margin_ns
+        matches = [w for w in data
+                   if str(w.get("uuid")) not in taken and w.get("net_type") == request.network
+                   and Decimal(str(w.get("amount"))) == request.amount
+                   and parse_time_ns(str(w["created_at"])) >= since]
+        if not matches:
+            return None
+        return _withdrawal(min(matches, key=lambda w: parse_time_ns(str(w["created_at"]))))
+
+    async def _find_deposit(self, asset: str, txid: str) -> DepositState | None:
+        query = upbit_query_string([("currency", asset), ("txids[]", txid)])
+        status, data = await self._send(self.limiter, 1, "GET", f"{self.base_url}/v1/deposits?{query}",
+                                        headers=self._auth(query))
+        if status != 200 or not isinstance(data, list):
+            name, message = _error(data)
+            raise ServerError(f"upbit: HTTP {status} {name} {message}".strip())
+        for d in data:
+            if d.get("txid") == txid:
+                state = str(d.get("state", "")).upper()
+                return DepositState(_DEPOSIT_STATE.get(state, "pending"), Decimal(str(d["amount"])), state)
+        return None
+
+    async def _balances(self) -> dict[str, tuple[Decimal, Decimal]]:
+        status, data = await self._send(self.limiter, 1, "GET", f"{self.base_url}/v1/accounts",
+                                        headers=self._auth(""))
+        if status != 200 or not isinstance(data, list):
+            name, message = _error(data)
+            raise ServerError(f"upbit: HTTP {status} {name} {message}".strip())
+        return {str(a["currency"]): (Decimal(str(a["balance"])), Decimal(str(a["locked"]))) for a in data}
+
     def _result(self, data: dict[str, Any], order: PreparedOrder) -> VenueResult:
         state = str(data.get("state", ""))
         volume = Decimal(str(data.get("volume") or order.leg.quantity))
@@ -116,6 +217,13 @@ def _fills(data: dict[str, Any], quote: str) -> tuple[VenueFill, ...]:
         VenueFill(str(t["uuid"]), Decimal(str(t["price"])), Decimal(str(t["volume"])), fee, quote,
                   parse_time_ns(str(t["created_at"])) if t.get("created_at") else 0)
         for t, fee in zip(trades, fees, strict=True))
+
+
+def _withdrawal(data: dict[str, Any]) -> WithdrawalState:
+    state = str(data.get("state", "")).upper()
+    fee = data.get("fee")
+    return WithdrawalState(str(data["uuid"]), _WITHDRAW_STATE.get(state, "pending"), Decimal(str(data["amount"])),
+                           Decimal(str(fee)) if fee not in (None, "") else None, str(data.get("txid") or ""), state)
 
 
 def _error(data: Any) -> tuple[str, str]:
