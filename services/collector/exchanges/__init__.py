@@ -11,6 +11,10 @@ VENUES: dict[str, str] = {
     "upbit": "services.collector.exchanges.upbit:Upbit",
     "okx": "services.collector.exchanges.okx:Okx",
     "bybit": "services.collector.exchanges.bybit:Bybit",
+    "bithumb": "services.collector.exchanges.bithumb:Bithumb",
+    "kucoin": "services.collector.exchanges.kucoin:Kucoin",
+    "gateio": "services.collector.exchanges.gateio:Gateio",
+    "bitget": "services.collector.exchanges.bitget:Bitget",
 }
 
 
