@@ -140,6 +140,7 @@ GATEIO = CAPTURES["gateio"][0]
 BITGET = CAPTURES["bitget"][0]
 BITHUMB = CAPTURES["bithumb"][0]
 KEYED = VenueOptions(trades=False, credentials=KUCOIN_KEY)
+EOS_UPDATE = b'"action":"update","arg":{"instType":"sp","channel":"books","instId":"EOSUSDT"'
 
 
 def _nth(exchange: str, capture: list[str], needle: bytes, n: int) -> int:
@@ -214,10 +215,9 @@ async def test_gateio_a_closed_connection_reconnects_and_resyncs() -> None:
 
 
 async def test_bitget_a_corrupted_checksum_resubscribes_and_the_fresh_snapshot_checks_out() -> None:
-    corrupted = _nth("bitget", BITGET, b'"action":"update","arg":{"instType":"sp","channel":"books","instId":"EOSUSDT"',
-                     10)
-    run = await run_against_simulator("bitget", BITGET, natives=["EOSUSDT"], faults=Faults(corrupt_checksum={corrupted}),
-                                      options=VenueOptions(trades=False))
+    corrupted = _nth("bitget", BITGET, EOS_UPDATE, 10)
+    run = await run_against_simulator("bitget", BITGET, natives=["EOSUSDT"],
+                                      faults=Faults(corrupt_checksum={corrupted}), options=VenueOptions(trades=False))
     assert run.core.stats["resync:checksum"] == 1
     assert _statuses(run.outputs)[1:4] == [("synced", "recovered from connecting"), ("stale", "checksum"),
                                            ("synced", "recovered from checksum")]
@@ -227,7 +227,7 @@ async def test_bitget_a_corrupted_checksum_resubscribes_and_the_fresh_snapshot_c
 
 async def test_bitget_a_dropped_update_is_caught_by_the_next_checksum() -> None:
     """v1 pushes carry no sequence: the checksum is what notices the hole."""
-    dropped = _nth("bitget", BITGET, b'"action":"update","arg":{"instType":"sp","channel":"books","instId":"EOSUSDT"', 10)
+    dropped = _nth("bitget", BITGET, EOS_UPDATE, 10)
     run = await run_against_simulator("bitget", BITGET, natives=["EOSUSDT"], faults=Faults(drop={dropped}),
                                       options=VenueOptions(trades=False))
     assert run.core.stats["resync:checksum"] == 1
@@ -238,7 +238,7 @@ async def test_bitget_a_dropped_update_is_caught_by_the_next_checksum() -> None:
 
 
 async def test_bitget_a_closed_connection_reconnects_and_resyncs() -> None:
-    close = _nth("bitget", BITGET, b'"action":"update","arg":{"instType":"sp","channel":"books","instId":"EOSUSDT"', 20)
+    close = _nth("bitget", BITGET, EOS_UPDATE, 20)
     run = await run_against_simulator("bitget", BITGET, natives=["EOSUSDT"], faults=Faults(close_at={close}),
                                       options=VenueOptions(trades=False))
     assert run.sim.connects == 2

@@ -111,7 +111,8 @@ MUTATIONS: dict[str, dict[bytes, list[Mutation]]] = {
             _set("result.s", "ZZZ_USDT"), _drop("result.u"), _set("result.b", "none"), _set("result.a", [["inf", "1"]]),
             _set("result.b", [[]]), _set("result.t", {"ms": 1})],
         b'"spot.trades","event":"update"': [_set("result.side", "up"), _set("result.price", "abc"),
-                                           _set("result.create_time_ms", "soon"), _set("result.currency_pair", "ZZZ_USDT")],
+                                           _set("result.create_time_ms", "soon"),
+                                           _set("result.currency_pair", "ZZZ_USDT")],
     },
     "bitget": {
         b'"action":"update","arg":{"instType":"sp","channel":"books"': [
