@@ -36,7 +36,7 @@ import msgspec
 from msgspec import Struct
 
 from services.collector.book import OrderBook
-from services.collector.exchanges.okx import checksum
+from services.collector.exchanges.okx import checksum, parsed
 from services.collector.venue import (
     APPLIED,
     IGNORED,
@@ -115,15 +115,6 @@ _any = msgspec.json.Decoder(dict[str, Any])
 CHANNEL = b'"channel":"'
 
 
-def _positive(level: RawLevel) -> None:
-    try:
-        price, size = float(level[0]), float(level[1])
-    except ValueError:
-        raise Malformed("bad_number", f"{level[0]}:{level[1]}") from None
-    if not (0 < price < INF and 0 <= size < INF):
-        raise Malformed("bad_level", f"{level[0]}:{level[1]}")
-
-
 class BitgetBook(BookSync):
     __slots__ = ("seq_id",)
 
@@ -137,12 +128,9 @@ class BitgetBook(BookSync):
             ts = int(d.ts)
         except ValueError:
             raise Malformed("bad_number", d.ts) from None
-        for level in d.bids:
-            _positive(level)
-        for level in d.asks:
-            _positive(level)
+        bids, asks = parsed(d.bids), parsed(d.asks)
         if action == "snapshot":
-            self.book.replace_raw(d.bids, d.asks)
+            self.book.replace_parsed(bids, asks)
             self.synced = True
         elif action == "update":
             if not self.synced:
@@ -150,7 +138,7 @@ class BitgetBook(BookSync):
             if d.seq is not None and self.seq_id is not None and d.seq <= self.seq_id:
                 self.reset()
                 return desync("out_of_order")
-            self.book.apply_raw(d.bids, d.asks)
+            self.book.apply_parsed(bids, asks)
         else:
             raise Malformed("unknown_action", action)
         self.seq_id = d.seq

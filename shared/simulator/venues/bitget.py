@@ -12,6 +12,8 @@
   a fresh snapshot of the simulated exchange's book (original strings, checksum computed as
   Bitget documents it, the same as OKX's), as the exchange sends one on every subscription.
 - ``corrupt_checksum`` shifts a push's ``checksum`` by one.
+- ``GET /api/v2/spot/public/symbols``: the recordings have v1's product list
+  (``/api/spot/v1/public/products``), served for both (the collector reads either shape).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from __future__ import annotations
 import json
 import re
 from typing import Any
+from urllib.parse import urlsplit
+
+from aiohttp import web
 
 from shared.simulator.levels import LevelBook
-from shared.simulator.server import Connection, Key, SimVenue
+from shared.simulator.server import Connection, Key, Simulator, SimVenue
 from shared.simulator.venues.okx import okx_checksum
 
 CHECKSUM = re.compile(rb'"checksum":(-?\d+)')
@@ -116,3 +121,14 @@ class BitgetSim(SimVenue):
         if not n:
             raise ValueError("frame has no checksum")
         return corrupted
+
+    def routes(self, app: web.Application, sim: Simulator) -> None:
+        async def symbols(request: web.Request) -> web.StreamResponse:
+            sim.rest_requests.append(request.path_qs)
+            body = next((r.data for r in self.records if r.kind == "rest"
+                         and urlsplit(r.url).path.endswith("/api/spot/v1/public/products")), None)
+            if body is None:
+                return web.json_response({"code": "40404", "msg": "not recorded"}, status=404)
+            return web.Response(body=body, content_type="application/json")
+
+        app.router.add_get("/api/v2/spot/public/symbols", symbols)
