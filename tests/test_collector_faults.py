@@ -265,3 +265,14 @@ async def test_bithumb_legacy_books_stay_untrusted_across_a_reconnect() -> None:
     expected = (reference_books("bithumb", first).books["ETH_BTC"]
                 + reference_books("bithumb", second).books["ETH_BTC"])
     assert [(b.seq, b.bids, b.asks) for b in books] == expected
+
+
+async def test_a_snapshot_asked_for_by_a_new_connection_while_an_old_one_is_under_way_still_comes() -> None:
+    """Connections closed in quick succession: each new connection's book asks for its snapshot
+    while the request made for the previous one is still under way, and must get its own."""
+    pushes = _depth_indices("gateio", GATEIO, b'"s":"OMG_USDT"')
+    run = await run_against_simulator("gateio", GATEIO, natives=["OMG_USDT"], options=VenueOptions(trades=False),
+                                      faults=Faults(close_at={pushes[i] for i in (10, 12, 14, 16)}))
+    assert run.sim.connects == 5
+    assert _statuses(run.outputs)[-2] == ("synced", "recovered from disconnected")  # then the end of the test
+    _final_book_equals_reference(run.outputs, reference_books("gateio", records(GATEIO)), "OMG_USDT")
