@@ -13,7 +13,7 @@ from services.collector.bench import PLANS, main
 def test_the_all_exchanges_bench_prints_one_row_per_exchange() -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["--all", "--repeat", "1", "--disconnects", "0", "--json"]) == 0
+        assert main(["--all", "--repeat", "1", "--min-frames", "0", "--disconnects", "0", "--json"]) == 0
     doc = json.loads(out.getvalue())
     rows = {row["exchange"]: row for row in doc["rows"]}
     assert list(rows) == list(PLANS) and len(rows) == 8

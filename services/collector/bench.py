@@ -7,6 +7,8 @@ one table (a row per exchange). Every figure has a same-run baseline:
 - ``core``: every recorded frame (and recorded REST snapshot) through decode + the exchange's
   sync rules + the L2 book + the top-N ``BookSnapshot`` build (and ``Trade``/``TopOfBook``):
   exactly what the live shell calls per frame. ``core_depth_only``: the book frames alone.
+  A short recording is replayed several times (``loops``, a fresh book each time) so that
+  every pass covers at least ``--min-frames`` (20,000) frames; best of ``--repeat`` passes.
 - ``peer_cryptofeed``: cryptofeed 2.4 maintaining the same books from the same frames in the
   same process (its feed's ``message_handler``; REST snapshots served from the recording; an
   L2 callback that reads the top N as ours does; checksums validated where ours are). Needs
@@ -106,43 +108,56 @@ def _paths(names: Sequence[str]) -> list[Path]:
 
 
 def run_core(
-    exchange: str, records: list[Record], depth: int, repeat: int, metadata: Sequence[Record] = ()
+    exchange: str, records: list[Record], depth: int, repeat: int, metadata: Sequence[Record] = (),
+    min_frames: int = 20_000,
 ) -> tuple[dict[str, Any], list[Any]]:
     """Frames/s of FeedCore over ``records`` (best of ``repeat`` passes, a fresh core each)."""
     from services.collector.core import FeedCore
     from services.collector.exchanges import make_venue
 
     items = [(r.data, r.recv_ns, r.url if r.kind == "rest" else None) for r in records if r.kind in ("ws", "rest")]
+    loops = _loops(len(items), min_frames)
     best = float("inf")
     outputs: list[Any] = []
     for i in range(repeat):
-        core = FeedCore(make_venue(exchange), depth=depth, strict=False)
-        for r in metadata:  # instrument lists: unified symbols, as the live collector has them
-            if r.kind == "rest":
-                core.on_rest(r.url, r.data, r.recv_ns)
-        on_frame, on_rest, take = core.on_frame, core.on_rest, core.take
-        produced: list[Any] = []
-        keep = produced.extend if i == 0 else None
-        t0 = time.perf_counter()
-        for data, recv_ns, url in items:
-            if url is None:
-                on_frame(data, recv_ns)
-            else:
-                on_rest(url, data, recv_ns)
-            out = take()
+        elapsed = 0.0
+        for loop in range(loops):  # a fresh core each time round: the same work every time
+            core = FeedCore(make_venue(exchange), depth=depth, strict=False)
+            for r in metadata:  # instrument lists: unified symbols, as the live collector has them
+                if r.kind == "rest":
+                    core.on_rest(r.url, r.data, r.recv_ns)
+            on_frame, on_rest, take = core.on_frame, core.on_rest, core.take
+            produced: list[Any] = []
+            keep = produced.extend if i == 0 and loop == 0 else None
+            t0 = time.perf_counter()
+            for data, recv_ns, url in items:
+                if url is None:
+                    on_frame(data, recv_ns)
+                else:
+                    on_rest(url, data, recv_ns)
+                out = take()
+                if keep is not None:
+                    keep(out)
+            elapsed += time.perf_counter() - t0
             if keep is not None:
-                keep(out)
-        best = min(best, time.perf_counter() - t0)
-        if i == 0:
-            outputs = produced
+                outputs = produced
+        best = min(best, elapsed)
     books = sum(1 for o in outputs if type(o).__name__ == "BookSnapshot")
+    frames = len(items) * loops
     return {
         "frames": len(items),
+        "loops": loops,
         "book_snapshots": books,
         "seconds": round(best, 4),
-        "frames_per_s": round(len(items) / best),
-        "us_per_frame": round(best / len(items) * 1e6, 2),
+        "frames_per_s": round(frames / best),
+        "us_per_frame": round(best / frames * 1e6, 2),
     }, outputs
+
+
+def _loops(frames: int, min_frames: int) -> int:
+    """Replays of a short recording (a fresh book each time) that make a measurement last long
+    enough to be read on a busy machine."""
+    return max(1, -(-min_frames // max(frames, 1)))
 
 
 # --------------------------------------------------------------------------- cryptofeed
@@ -151,10 +166,11 @@ def run_core(
 class _Peer:
     """Drives one cryptofeed feed's ``message_handler`` over the recorded frames."""
 
-    def __init__(self, frames: list[Record], depth: int) -> None:
+    def __init__(self, frames: list[Record], depth: int, min_frames: int) -> None:
         self.frames = [r.data.decode() for r in frames]
         self.stamps = [r.recv_ns / 1e9 for r in frames]
         self.depth = depth
+        self.min_frames = min_frames
         self.tops = 0
 
     async def on_book(self, book: Any, receipt_timestamp: float) -> None:
@@ -164,25 +180,31 @@ class _Peer:
         self.tops += 1
 
     def measure(self, make: Callable[[], Any], repeat: int, conn: Any = None) -> dict[str, Any]:
+        loops = _loops(len(self.frames), self.min_frames)
+
         async def one_pass() -> float:
-            feed = make()
-            handler = feed.message_handler
-            t0 = time.perf_counter()
-            for frame, ts in zip(self.frames, self.stamps, strict=True):
-                await handler(frame, conn, ts)
-            elapsed = time.perf_counter() - t0
-            await feed.http_conn.close()
+            elapsed = 0.0
+            for _ in range(loops):  # a fresh feed each time round, as ours gets a fresh core
+                feed = make()
+                handler = feed.message_handler
+                t0 = time.perf_counter()
+                for frame, ts in zip(self.frames, self.stamps, strict=True):
+                    await handler(frame, conn, ts)
+                elapsed += time.perf_counter() - t0
+                await feed.http_conn.close()
             return elapsed
 
         best = min(asyncio.run(one_pass()) for _ in range(repeat))
+        frames = len(self.frames) * loops
         return {
             "available": True,
             "version": metadata.version("cryptofeed"),
             "frames": len(self.frames),
-            "book_callbacks": self.tops // repeat,
+            "loops": loops,
+            "book_callbacks": self.tops // (repeat * loops),
             "seconds": round(best, 4),
-            "frames_per_s": round(len(self.frames) / best),
-            "us_per_frame": round(best / len(self.frames) * 1e6, 2),
+            "frames_per_s": round(frames / best),
+            "us_per_frame": round(best / frames * 1e6, 2),
         }
 
 
@@ -207,7 +229,8 @@ def _std(mapping: dict[str, str], natives: set[str]) -> list[str]:
 
 
 def run_cryptofeed(
-    plan_name: str, records: list[Record], info: list[Record], depth: int, repeat: int, depth_only: bool
+    plan_name: str, records: list[Record], info: list[Record], depth: int, repeat: int, depth_only: bool,
+    min_frames: int = 20_000,
 ) -> dict[str, Any]:
     plan = PLANS[plan_name]
     if not plan.peer:
@@ -221,7 +244,7 @@ def run_cryptofeed(
         return {"available": False, "reason": f"cryptofeed not installed ({exc}); pip install -e '.[bench]'"}
     logging.getLogger("feedhandler").setLevel(logging.ERROR)
     frames = [r for r in records if r.kind == "ws" and (not depth_only or plan.is_depth(r))]
-    peer = _Peer(frames, depth)
+    peer = _Peer(frames, depth, min_frames)
     rest = [r for r in [*records, *info] if r.kind == "rest"]
     callbacks = {L2_BOOK: peer.on_book}
     conn = SimpleNamespace(uuid="bench", address="")
@@ -433,10 +456,11 @@ def bench_one(exchange: str, args: argparse.Namespace, *, publish: bool) -> dict
     depth_records = [r for r in records if r.kind in ("ws", "rest") and plan.is_depth(r)]
     result: dict[str, Any] = {"bench": "collector", "exchange": exchange, "capture": [p.name for p in capture],
                               "depth": args.depth}
-    core_all, outputs = run_core(exchange, records, args.depth, args.repeat, info)
-    core_depth, _ = run_core(exchange, depth_records, args.depth, args.repeat, info)
-    peer_all = run_cryptofeed(exchange, records, info, args.depth, args.repeat, depth_only=False)
-    peer_depth = run_cryptofeed(exchange, records, info, args.depth, args.repeat, depth_only=True)
+    n = args.min_frames
+    core_all, outputs = run_core(exchange, records, args.depth, args.repeat, info, n)
+    core_depth, _ = run_core(exchange, depth_records, args.depth, args.repeat, info, n)
+    peer_all = run_cryptofeed(exchange, records, info, args.depth, args.repeat, False, n)
+    peer_depth = run_cryptofeed(exchange, records, info, args.depth, args.repeat, True, n)
     result["core"] = core_all
     result["peer_cryptofeed"] = peer_all
     if peer_all.get("available"):
@@ -497,6 +521,8 @@ def main(argv: list[str]) -> int:
                         help="capture file(s) instead of the exchange's recording (single exchange)")
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5, help="passes per measurement (best is kept)")
+    parser.add_argument("--min-frames", type=int, default=20_000,
+                        help="frames per pass: a short recording is replayed until it has this many")
     parser.add_argument("--redis-url", default=None, help="default: $REDIS_URL, else a private embedded Redis")
     parser.add_argument("--no-redis", action="store_true", help="skip the publishing measurement")
     parser.add_argument("--disconnects", type=int, default=5, help="disconnects in the resync measurement (0: skip)")
