@@ -276,3 +276,16 @@ async def test_a_snapshot_asked_for_by_a_new_connection_while_an_old_one_is_unde
     assert run.sim.connects == 5
     assert _statuses(run.outputs)[-2] == ("synced", "recovered from disconnected")  # then the end of the test
     _final_book_equals_reference(run.outputs, reference_books("gateio", records(GATEIO)), "OMG_USDT")
+
+
+async def test_bithumb_current_api_reconnects_and_its_books_are_synced_again_by_the_next_message() -> None:
+    """Bithumb's current API is Upbit's protocol (played here from Upbit's recording, the only
+    one of that protocol we have): every message is the whole book, so the next one resyncs."""
+    capture = CAPTURES["upbit"][0]
+    close = _nth("bithumb", capture, b'"cd":"KRW-WAVES"', 3)
+    run = await run_against_simulator("bithumb", capture, natives=["KRW-WAVES"], faults=Faults(close_at={close}))
+    assert run.sim.connects == 2
+    assert ("synced", "recovered from disconnected") in _statuses(run.outputs)
+    reference = reference_books("upbit", records(capture))
+    assert_published_match(run.outputs, reference)
+    _final_book_equals_reference(run.outputs, reference, "KRW-WAVES")
