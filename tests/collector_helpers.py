@@ -14,7 +14,7 @@ from services.collector.core import FeedCore
 from services.collector.exchanges import make_venue
 from services.collector.feed import Feed
 from services.collector.rest import RestClient
-from services.collector.venue import Fees, VenueOptions
+from services.collector.venue import Credentials, Fees, VenueOptions
 from shared.capture import Record, read_captures
 from shared.models import Message
 from shared.simulator import Faults, Simulator, simulator
@@ -33,12 +33,23 @@ CAPTURES: dict[str, list[list[str]]] = {
         ["bybit/cryptofeed_v5_BYBIT.ws.2.0_orderbook1_spot.txt"],
         ["bybit/cryptofeed_v5_BYBIT.ws.1.0_orderbook1_linear.txt"],
     ],
+    "kucoin": [["kucoin/cryptofeed_KUCOIN.ws.1.0.txt", "kucoin/cryptofeed_KUCOIN.http.0.0.txt"]],
+    "gateio": [["gateio/cryptofeed_GATEIO.ws.1.0.txt", "gateio/cryptofeed_GATEIO.http.0.0.txt"]],
+    "bitget": [["bitget/cryptofeed_BITGET.ws.1.0.txt"], ["bitget/cryptofeed_BITGET.ws.2.0.txt"]],
+    "bithumb": [["bithumb/cryptofeed_BITHUMB.ws.1.0_79e86d3.txt"]],
 }
 METADATA = {
     "binance": "binance/cryptofeed_BINANCE.0.txt",
     "upbit": "upbit/cryptofeed_UPBIT.0.txt",
     "okx": "okx/cryptofeed_OKX.0.trimmed.txt",
+    "kucoin": "kucoin/cryptofeed_KUCOIN.0.txt",
+    "gateio": "gateio/cryptofeed_GATEIO.0.txt",
+    "bitget": "bitget/cryptofeed_BITGET.0.txt",
+    "bithumb": "bithumb/cryptofeed_BITHUMB.0_79e86d3.txt",
 }
+KUCOIN_KEY = Credentials(key="sim-key", secret="sim-secret", passphrase="sim-passphrase")
+"""A key for the simulator (which checks the signature against the secret): the recorded
+KuCoin snapshots are of the keyed full-book endpoint."""
 
 
 def paths(names: Sequence[str]) -> list[Path]:
@@ -78,6 +89,8 @@ async def run_against_simulator(
     """Serve ``captures`` from a simulator, run the collector's Feed against it until the
     whole recording has been played and the collector has gone quiet; return what it emitted."""
     sim = simulator(exchange, paths(captures), faults=faults, rest_bodies=rest_bodies)
+    if exchange == "kucoin":
+        sim.venue.api_secret = KUCOIN_KEY.secret  # type: ignore[attr-defined]
     await sim.start()
     venue = make_venue(exchange, options)
     core = FeedCore(venue, strict=strict, stale_after_ns=stale_after_ns)

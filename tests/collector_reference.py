@@ -76,14 +76,19 @@ class Reference:
     checksums_checked: int = 0
     checksum_mismatches: int = 0
     gaps: int = 0
+    quiet: dict[str, list[Entry]] = field(default_factory=dict)
+    """States the exchange passed through without a change to publish (a KuCoin increment made
+    only of price-0 changes moves the sequence alone): a resync may land on one."""
 
-    def record(self, symbol: str, seq: int, book: Book, depth: int) -> None:
+    def record(self, symbol: str, seq: int, book: Book, depth: int, *, changed: bool = True) -> None:
         bids, asks = book.top(depth)
-        self.books.setdefault(symbol, []).append((seq, bids, asks))
+        (self.books if changed else self.quiet).setdefault(symbol, []).append((seq, bids, asks))
 
 
 def reference_books(exchange: str, records: Sequence[Record], depth: int = 20) -> Reference:
-    return {"binance": _binance, "okx": _okx, "bybit": _bybit, "upbit": _upbit}[exchange](records, depth)
+    builders = {"binance": _binance, "okx": _okx, "bybit": _bybit, "upbit": _upbit, "kucoin": _kucoin,
+                "gateio": _gateio, "bitget": _bitget, "bithumb": _bithumb}
+    return builders[exchange](records, depth)
 
 
 def _binance(records: Sequence[Record], depth: int) -> Reference:
@@ -202,6 +207,116 @@ def _upbit(records: Sequence[Record], depth: int) -> Reference:
     return ref
 
 
+def _kucoin(records: Sequence[Record], depth: int) -> Reference:
+    """REST snapshot (``sequence``), then increments: skip sequenceEnd <= sequence; each must
+    start at or before local + 1; changes with a sequence above local apply, price 0 only
+    moves the sequence. A book is recorded when an increment changed a level."""
+    ref = Reference()
+    books: dict[str, Book] = {}
+    for r in records:
+        if r.kind == "rest" and "/market/orderbook/level2" in r.url:
+            symbol = parse_qs(urlsplit(r.url).query)["symbol"][0]
+            data = json.loads(r.data)["data"]
+            if symbol not in books:
+                book = books[symbol] = Book(seq=int(data["sequence"]))
+                book.load(data["bids"], data["asks"])
+                ref.record(symbol, book.seq, book, depth)  # the snapshot itself
+    increments = sorted((json.loads(r.data)["data"] for r in records
+                         if r.kind == "ws" and b'"trade.l2update"' in r.data), key=lambda d: d["sequenceStart"])
+    for d in increments:
+        book = books.get(d["symbol"])
+        if book is None or d["sequenceEnd"] <= book.seq:
+            continue
+        if d["sequenceStart"] > book.seq + 1:
+            ref.gaps += 1
+        changed = False
+        for side, key in (("bid", "bids"), ("ask", "asks")):
+            for price, size, sequence in d["changes"][key]:
+                if int(sequence) > book.seq and Decimal(price) != 0:
+                    book.set(side, price, size)
+                    changed = True
+        book.seq = d["sequenceEnd"]
+        ref.record(d["symbol"], book.seq, book, depth, changed=changed)
+    return ref
+
+
+def _gateio(records: Sequence[Record], depth: int) -> Reference:
+    """REST snapshot (``id``), then pushes: drop u <= id; the first kept has U <= id + 1 <= u,
+    every later one U == previous u + 1."""
+    ref = Reference()
+    books: dict[str, Book] = {}
+    for r in records:
+        if r.kind == "rest" and "/spot/order_book" in r.url:
+            pair = parse_qs(urlsplit(r.url).query)["currency_pair"][0]
+            body = json.loads(r.data)
+            if pair not in books:
+                book = books[pair] = Book(seq=body["id"])
+                book.load(body["bids"], body["asks"])
+                ref.record(pair, book.seq, book, depth)  # the snapshot itself
+    pushes = sorted((json.loads(r.data)["result"] for r in records if r.kind == "ws"
+                     and b'"spot.order_book_update","event":"update"' in r.data), key=lambda d: d["U"])
+    started: set[str] = set()
+    for d in pushes:
+        book = books.get(d["s"])
+        if book is None or d["u"] <= book.seq:
+            continue
+        if d["s"] not in started:
+            started.add(d["s"])
+            assert d["U"] <= book.seq + 1 <= d["u"], "the recorded snapshot does not meet the pushes"
+        elif d["U"] != book.seq + 1:
+            ref.gaps += 1
+        book.apply(d["b"], d["a"])
+        book.seq = d["u"]
+        ref.record(d["s"], book.seq, book, depth)
+    return ref
+
+
+def _bitget(records: Sequence[Record], depth: int) -> Reference:
+    """Snapshot replaces, updates apply; the CRC32 of the top 25 strings (OKX's layout) must match."""
+    ref = Reference()
+    books: dict[str, Book] = {}
+    for r in records:
+        if r.kind != "ws" or not r.data.startswith(b'{"action"') or b'"channel":"books"' not in r.data[:120]:
+            continue
+        msg = json.loads(r.data)
+        inst = msg["arg"]["instId"]
+        for d in msg["data"]:
+            if msg["action"] == "snapshot":
+                book = books[inst] = Book()
+                book.load(d["bids"], d["asks"])
+            elif inst in books:
+                book = books[inst]
+                book.apply(d["bids"], d["asks"])
+            else:
+                continue
+            book.seq = d.get("seq", int(d["ts"]))
+            ref.checksums_checked += 1
+            if book.okx_checksum() != d["checksum"]:
+                ref.checksum_mismatches += 1
+            ref.record(inst, book.seq, book, depth)
+    return ref
+
+
+def _bithumb(records: Sequence[Record], depth: int) -> Reference:
+    """Legacy ``orderbookdepth``: changed levels applied from an empty book, one book per push
+    (the collector publishes these marked stale: there is no sync point)."""
+    ref = Reference()
+    books: dict[str, Book] = {}
+    for r in records:
+        if r.kind != "ws" or not r.data.startswith(b'{"type":"orderbookdepth"'):
+            continue
+        content = json.loads(r.data)["content"]
+        touched: dict[str, None] = {}
+        for level in content["list"]:
+            book = books.setdefault(level["symbol"], Book())
+            book.set("bid" if level["orderType"] == "bid" else "ask", level["price"], level["quantity"])
+            touched[level["symbol"]] = None
+        for symbol in touched:
+            books[symbol].seq = int(content["datetime"])
+            ref.record(symbol, books[symbol].seq, books[symbol], depth)
+    return ref
+
+
 def book_natives(exchange: str, records: Sequence[Record]) -> list[str]:
     """The native symbols whose books a capture carries (what a client would subscribe to)."""
     out: dict[str, None] = {}
@@ -217,16 +332,26 @@ def book_natives(exchange: str, records: Sequence[Record]) -> list[str]:
         elif exchange == "upbit" and b"orderbook" in r.data[:40]:
             msg = json.loads(r.data)
             out[msg.get("cd", msg.get("code"))] = None
+        elif exchange == "kucoin" and b'"trade.l2update"' in r.data:
+            out[json.loads(r.data)["data"]["symbol"]] = None
+        elif exchange == "gateio" and b'"spot.order_book_update","event":"update"' in r.data:
+            out[json.loads(r.data)["result"]["s"]] = None
+        elif exchange == "bitget" and r.data.startswith(b'{"action"') and b'"channel":"books"' in r.data[:120]:
+            out[json.loads(r.data)["arg"]["instId"]] = None
+        elif exchange == "bithumb" and r.data.startswith(b'{"type":"orderbookdepth"'):
+            for level in json.loads(r.data)["content"]["list"]:
+                out[level["symbol"]] = None
     return list(out)
 
 
-def assert_published_match(published: Sequence[Any], reference: Reference, *, one_to_one: bool = True) -> int:
-    """Every synced ``BookSnapshot`` equals the reference book with its seq; with
+def assert_published_match(published: Sequence[Any], reference: Reference, *, one_to_one: bool = True,
+                           status: str = "synced") -> int:
+    """Every ``BookSnapshot`` with ``status`` equals the reference book with its seq; with
     ``one_to_one`` the published books are exactly the reference's from the first one on.
     Returns the number of books compared."""
     by_symbol: dict[str, list[Any]] = {}
     for msg in published:
-        if type(msg).__name__ == "BookSnapshot" and msg.status == "synced":
+        if type(msg).__name__ == "BookSnapshot" and msg.status == status:
             by_symbol.setdefault(msg.symbol, []).append(msg)
     compared = 0
     for symbol, snaps in by_symbol.items():
@@ -241,7 +366,7 @@ def assert_published_match(published: Sequence[Any], reference: Reference, *, on
                 assert g == e, f"{symbol} seq {g[0]}: published {g[1][:3]} {g[2][:3]}, reference {e[1][:3]} {e[2][:3]}"
         else:
             by_seq: dict[int, list[Entry]] = {}
-            for e in entries:
+            for e in [*entries, *reference.quiet.get(symbol, ())]:
                 by_seq.setdefault(e[0], []).append(e)
             for s in snaps:
                 candidates = by_seq.get(s.seq, [])

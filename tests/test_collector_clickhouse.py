@@ -22,7 +22,7 @@ from services.collector.venue import VenueOptions
 from shared import clickhouse
 from shared.models import BookSnapshot, Message, Trade
 from shared.runtime import Bus, Producer
-from tests.collector_helpers import CAPTURES, METADATA, run_against_simulator
+from tests.collector_helpers import CAPTURES, KUCOIN_KEY, METADATA, run_against_simulator
 
 FRONTEND = Path(__file__).resolve().parent / "clickhouse_http.py"
 
@@ -200,3 +200,56 @@ def test_the_same_code_writes_through_both_dsns(tmp_path: Path, dsn: str) -> Non
                                  text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
             assert out.returncode == 0, out.stderr
             assert out.stdout.strip().splitlines()[-1] == "123"
+
+
+NEW_EXCHANGES = {
+    # exchange: (capture + metadata, unified symbols, venue options)
+    "kucoin": ([*CAPTURES["kucoin"][0], METADATA["kucoin"]], ["BSV/USDT", "SNX/BTC", "DAPPT/BTC"],
+               VenueOptions(credentials=KUCOIN_KEY)),
+    "gateio": ([*CAPTURES["gateio"][0], METADATA["gateio"]], ["OMG/USDT", "NEO/BTC", "DIS/USDT"], VenueOptions()),
+    "bitget": ([*CAPTURES["bitget"][0], METADATA["bitget"]], ["EOS/USDT", "AVAX/USDT", "HOT/USDT"], VenueOptions()),
+    "bithumb": ([*CAPTURES["bithumb"][0], METADATA["bithumb"]], ["ETH/BTC", "CHZ/KRW", "CON/KRW", "GOM2/KRW"],
+                VenueOptions(book_channel="orderbookdepth")),
+}
+
+
+async def test_ticks_of_kucoin_gate_bitget_and_bithumb_are_queryable_with_the_published_counts(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """The four exchanges replayed at once through their simulators into one sink; every
+    published book snapshot (Bithumb's legacy ones marked stale) and trade is a row."""
+    with clickhouse_server(tmp_path / "ch") as url:
+        sink = ClickHouseSink(url, batch_rows=2_000, flush_interval_s=0.2, spill_dir=tmp_path / "spill")
+        writer = asyncio.create_task(sink.run())
+        producer = Producer(bus)
+        publisher = Publisher(producer, bus.keys, ticks=sink)
+        published: dict[tuple[str, str], int] = {}
+
+        def emit(msgs: list[Message]) -> None:
+            publisher(msgs)
+            for m in msgs:
+                if type(m) is BookSnapshot or type(m) is Trade:
+                    key = (m.exchange, "trade" if type(m) is Trade else f"book:{m.status}")
+                    published[key] = published.get(key, 0) + 1
+
+        runs = await asyncio.gather(*(
+            run_against_simulator(exchange, captures, symbols=symbols, strict=True, emit=emit, options=options)
+            for exchange, (captures, symbols, options) in NEW_EXCHANGES.items()))
+        await producer.flush()
+        writer.cancel()
+        await sink.close()
+        assert all(run.core.malformed == 0 for run in runs)
+        client = clickhouse.connect(url)
+        books = {(e, f"book:{s}"): n for e, s, n in client.query(
+            "SELECT exchange, status, count() FROM orderbook_snapshots GROUP BY exchange, status").result_rows}
+        trades = {(e, "trade"): n for e, n in client.query(
+            "SELECT exchange, count() FROM tick_trades GROUP BY exchange").result_rows}
+        symbols = {(e, s) for e, s in client.query("SELECT DISTINCT exchange, symbol FROM orderbook_snapshots")
+                   .result_rows}
+        client.close()
+        assert {**books, **trades} == published
+        assert {e for e, _ in published} == set(NEW_EXCHANGES)
+        assert published[("bithumb", "book:stale")] > 50 and ("bithumb", "book:synced") not in published
+        assert all(published[(e, "book:synced")] > 20 for e in ("kucoin", "gateio", "bitget"))
+        assert {s for e, s in symbols} >= {"BSV/USDT", "OMG/USDT", "EOS/USDT", "CHZ/KRW"}
+        await producer.close()

@@ -23,6 +23,7 @@ from services.collector.core import FeedCore
 from services.collector.exchanges import make_venue
 from shared.capture import Record
 from tests.collector_helpers import CAPTURES, METADATA, kinds, records
+from tests.collector_reference import book_natives
 
 Mutation = Callable[[dict[str, Any]], Any]
 
@@ -58,6 +59,15 @@ def _crossed_upbit(msg: dict[str, Any]) -> Any:
     return msg
 
 
+def _every_symbol(value: str) -> Mutation:
+    """Bithumb's legacy pushes name the symbol on every level: an unknown market renames them all."""
+    def mutate(msg: dict[str, Any]) -> Any:
+        for level in msg["content"]["list"]:
+            level["symbol"] = value
+        return msg
+    return mutate
+
+
 # Per exchange: which recorded frames to mutate (a byte marker) and mutations that make them
 # invalid for that exchange's documented format.
 MUTATIONS: dict[str, dict[bytes, list[Mutation]]] = {
@@ -86,18 +96,65 @@ MUTATIONS: dict[str, dict[bytes, list[Mutation]]] = {
                          _set("obu.0.ap", -1), _drop("obu"), _set("obu.0", {"ap": 1})],
         b'"trade"': [_set("ab", "BOTH"), _set("tp", 0), _set("cd", "KRW-ZZZ"), _drop("sid")],
     },
+    "kucoin": {
+        b'{"data":{"sequenceStart"': [_set("data.sequenceStart", "next"), _set("data.changes.bids", [["-1", "1", "5"]]),
+                                      _set("data.changes.asks", [["1", "1"]]), _set("data.symbol", "ZZZ-USDT"),
+                                      _drop("data.sequenceEnd"), _set("data.changes", []),
+                                      _set("data.changes.bids", [["nan", "1", "1"]]), _set("data.changes.asks", "none"),
+                                      _set("data.changes.bids", [["1", "-2", "1"]])],
+        b'"takerOrderId"': [_set("data.side", "up"), _set("data.price", "-1"), _set("data.size", "many"),
+                            _drop("data.tradeId"), _set("data.symbol", "ZZZ-USDT")],
+    },
+    "gateio": {
+        b'"spot.order_book_update","event":"update"': [
+            _set("result.U", "first"), _set("result.b", [["-1", "1"]]), _set("result.a", [["1"]]),
+            _set("result.s", "ZZZ_USDT"), _drop("result.u"), _set("result.b", "none"), _set("result.a", [["inf", "1"]]),
+            _set("result.b", [[]]), _set("result.t", {"ms": 1})],
+        b'"spot.trades","event":"update"': [_set("result.side", "up"), _set("result.price", "abc"),
+                                           _set("result.create_time_ms", "soon"),
+                                           _set("result.currency_pair", "ZZZ_USDT")],
+    },
+    "bitget": {
+        b'"action":"update","arg":{"instType":"sp","channel":"books"': [
+            _set("data.0.asks", [["abc", "1"]]), _set("data.0.bids", [["1"]]), _set("data.0.ts", "soon"),
+            _set("data.0.checksum", "x"), _set("data", []), _set("arg.instId", "ZZZUSDT"), _set("action", "merge"),
+            _set("data.0.asks", [["-1", "1"]]), _set("data.0.bids", [[]]), _set("data.0.bids", [["1", "nan"]])],
+        b'"action":"update","arg":{"instType":"sp","channel":"trade"': [
+            _set("data.0.3", "up"), _set("data.0.1", "-3"), _set("data.0.2", "many"), _set("arg.instId", "ZZZUSDT")],
+    },
+    "bithumb": {
+        b'{"type":"orderbookdepth"': [_set("content.datetime", "soon"), _set("content.list", []),
+                                     _set("content.list.0.orderType", "mid"), _set("content.list.0.price", "-1"),
+                                     _set("content.list.0.quantity", "lots"), _every_symbol("ZZZ_KRW"),
+                                     _drop("content.datetime")],
+        b'{"type":"transaction"': [_set("content.list.0.buySellGb", "3"), _set("content.list.0.contDtm", "yesterday"),
+                                  _set("content.list.0.contPrice", "x"), _set("content.list.0.symbol", "ZZZ_KRW")],
+    },
 }
 
-CONTROL = {"okx": {b"pong"}}
+CONTROL = {"okx": {b"pong"}, "bitget": {b"pong"}}
 """Frames that are not JSON yet belong to the protocol."""
 
 CAPTURE = {"binance": CAPTURES["binance"][0], "okx": CAPTURES["okx"][0], "bybit": CAPTURES["bybit"][0],
-           "upbit": CAPTURES["upbit"][0]}
-FRAMES = {"binance": 700, "okx": 120, "bybit": 50, "upbit": 200}
+           "upbit": CAPTURES["upbit"][0], "kucoin": CAPTURES["kucoin"][0], "gateio": CAPTURES["gateio"][0],
+           "bitget": CAPTURES["bitget"][0], "bithumb": CAPTURES["bithumb"][0]}
+FRAMES = {"binance": 700, "okx": 120, "bybit": 50, "upbit": 200, "kucoin": 600, "gateio": 239, "bitget": 150,
+          "bithumb": 98}
+"""Received frames used per exchange (the REST snapshots recorded among them come along)."""
 
 
 def _good(exchange: str) -> list[Record]:
-    return [r for r in records(CAPTURE[exchange]) if r.kind == "ws"][:FRAMES[exchange]]
+    out: list[Record] = []
+    frames = 0
+    for r in records(CAPTURE[exchange]):
+        if r.kind == "rest":
+            out.append(r)
+        elif r.kind == "ws":
+            if frames == FRAMES[exchange]:
+                break
+            out.append(r)
+            frames += 1
+    return out
 
 
 def _core(exchange: str) -> FeedCore:
@@ -109,7 +166,9 @@ def _core(exchange: str) -> FeedCore:
     natives = {"binance": ["BTCUSDT"], "okx": ["BTC-USDT", "UNI-USD-SWAP", "BTC-USD-220527"],
                "bybit": ["XRPUSDT"]}.get(exchange)
     if exchange == "upbit":
-        natives = sorted({json.loads(r.data)["cd"] for r in _good("upbit")})
+        natives = sorted({json.loads(r.data)["cd"] for r in _good("upbit") if r.kind == "ws"})
+    if exchange in ("kucoin", "gateio", "bitget", "bithumb"):
+        natives = book_natives(exchange, _good(exchange))
     for native in natives or ():
         core.symbols.setdefault(native, native)
     core.track(natives or [], 0)
@@ -117,10 +176,21 @@ def _core(exchange: str) -> FeedCore:
     return core
 
 
-def _run(core: FeedCore, frames: list[tuple[bytes, int]]) -> list[Any]:
+Item = tuple[bytes, int, str | None]
+"""A received frame (url None) or a recorded REST response, as the live shell hands them over."""
+
+
+def _items(recs: list[Record]) -> list[Item]:
+    return [(r.data, r.recv_ns, r.url if r.kind == "rest" else None) for r in recs]
+
+
+def _run(core: FeedCore, items: list[Item]) -> list[Any]:
     out = []
-    for data, recv_ns in frames:
-        core.on_frame(data, recv_ns)
+    for data, recv_ns, url in items:
+        if url is None:
+            core.on_frame(data, recv_ns)
+        else:
+            core.on_rest(url, data, recv_ns)
         out.extend(core.take())
         core.take_actions()
     return out
@@ -149,7 +219,7 @@ def _bad_frames(exchange: str) -> st.SearchStrategy[bytes]:
         for source in sources:
             for mutate in mutations:
                 mutated.append(json.dumps(mutate(copy.deepcopy(json.loads(source)))).encode())
-    truncated = st.tuples(st.sampled_from([r.data for r in good]), st.floats(0, 0.999)).map(
+    truncated = st.tuples(st.sampled_from([r.data for r in good if r.kind == "ws"]), st.floats(0, 0.999)).map(
         lambda t: t[0][:int(len(t[0]) * t[1])])
 
     def not_json(data: bytes) -> bool:
@@ -166,7 +236,7 @@ def _bad_frames(exchange: str) -> st.SearchStrategy[bytes]:
 
 @pytest.mark.parametrize("exchange", sorted(CAPTURE))
 def test_bad_frames_are_counted_and_skipped_and_the_good_ones_still_apply(exchange: str) -> None:
-    good = [(r.data, r.recv_ns) for r in _good(exchange)]
+    good = _items(_good(exchange))
     clean = _books(_run(_core(exchange), good))
     assert len(clean) > 10
 
@@ -175,7 +245,7 @@ def test_bad_frames_are_counted_and_skipped_and_the_good_ones_still_apply(exchan
     def check(insertions: list[tuple[int, bytes]]) -> None:
         frames = list(good)
         for position, bad in sorted(insertions, key=lambda t: t[0], reverse=True):
-            frames.insert(position, (bad, 0))
+            frames.insert(position, (bad, 0, None))
         core = _core(exchange)
         before = _metric(exchange)
         outputs = _run(core, frames)  # nothing may escape
@@ -190,7 +260,7 @@ def test_bad_frames_are_counted_and_skipped_and_the_good_ones_still_apply(exchan
 def test_a_crossed_diff_throws_the_book_away_and_asks_for_a_snapshot() -> None:
     good = _good("binance")
     core = _core("binance")
-    _run(core, [(r.data, r.recv_ns) for r in good])
+    _run(core, _items(good))
     book = core.books["BTCUSDT"].sync.book
     best_ask = book.best_ask()
     assert best_ask is not None

@@ -24,7 +24,7 @@ from shared.models import BookSnapshot, Instrument
 from shared.runtime import FIELD, Bus
 from shared.simulator import Simulator, simulator
 from shared.streams import KeySpace
-from tests.collector_helpers import CAPTURES, METADATA, paths
+from tests.collector_helpers import CAPTURES, KUCOIN_KEY, METADATA, paths
 from tests.test_collector_clickhouse import clickhouse_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,3 +215,89 @@ async def test_without_any_exchange_reachable_the_service_runs_healthy_with_stal
         out = _stop(proc)
         await bus.close()
     assert proc.returncode == 0, out[-3000:]
+
+
+async def test_the_service_runs_kucoin_gate_bitget_and_bithumb_from_configuration(
+    service_env: dict[str, str], redis_url: str, namespace: str, tmp_path: Path
+) -> None:
+    """The four newer exchanges enabled by configuration alone (KuCoin with a key from the
+    environment, Bithumb on its legacy feed, Gate on its V2 channel): books on the bus, latest
+    keys, instruments, /health, and every book and trade in ClickHouse."""
+    sims: dict[str, Simulator] = {
+        "kucoin": simulator("kucoin", paths([*CAPTURES["kucoin"][0], METADATA["kucoin"]])),
+        "gateio": simulator("gateio", paths([*CAPTURES["gateio"][0], METADATA["gateio"]])),
+        "bitget": simulator("bitget", paths([*CAPTURES["bitget"][0], METADATA["bitget"]])),
+        "bithumb": simulator("bithumb", paths([*CAPTURES["bithumb"][0], METADATA["bithumb"]])),
+    }
+    sims["kucoin"].venue.api_secret = KUCOIN_KEY.secret  # type: ignore[attr-defined]
+    for sim in sims.values():
+        await sim.start()
+    bus = Bus.from_url(redis_url, prefix=f"{namespace}:", keys=KeySpace("development", namespace))
+    chdb_dir = tmp_path / "clickhouse"
+    env = dict(service_env)
+    env.update({
+        "CLICKHOUSE_URL": f"chdb://{chdb_dir}",
+        "ARB_CLICKHOUSE__SPILL_DIR": str(tmp_path / "spill"),
+        "ARB_CLICKHOUSE__FLUSH_INTERVAL_MS": "200",
+        "ARB_COLLECTOR__STALE_AFTER_MS": "600000",  # the recordings have quiet books
+        "KUCOIN_API_KEY": KUCOIN_KEY.key, "KUCOIN_API_SECRET": KUCOIN_KEY.secret,
+        "KUCOIN_API_PASSPHRASE": KUCOIN_KEY.passphrase,
+        "ARB_EXCHANGES__KUCOIN__SYMBOLS": '["BSV/USDT", "SNX/BTC"]',
+        "ARB_EXCHANGES__GATEIO__SYMBOLS": '["OMG/USDT", "NEO/BTC"]',
+        "ARB_EXCHANGES__GATEIO__BOOK_CHANNEL": "spot.obu",
+        "ARB_EXCHANGES__BITGET__SYMBOLS": '["EOS/USDT", "AVAX/USDT"]',
+        "ARB_EXCHANGES__BITHUMB__SYMBOLS": '["CHZ/KRW", "ETH/BTC"]',
+        "ARB_EXCHANGES__BITHUMB__BOOK_CHANNEL": "orderbookdepth",
+    })
+    for name in ("binance", "upbit", "okx", "bybit"):
+        env[f"ARB_EXCHANGES__{name.upper()}__ENABLED"] = "false"
+    for name, sim in sims.items():
+        env[f"ARB_EXCHANGES__{name.upper()}__ENABLED"] = "true"
+        env[f"ARB_EXCHANGES__{name.upper()}__WS_URL"] = sim.ws_url
+        env[f"ARB_EXCHANGES__{name.upper()}__REST_URL"] = sim.rest_url
+    proc = _start(env)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(s.finished.wait() for s in sims.values())), timeout=90)
+        await asyncio.sleep(1.5)  # the last frames through the service, one ClickHouse flush
+        health = await _health(bus, proc)
+        assert health["_http_status"] == 200 and health["status"] == "ok"
+        assert {n: f["state"] for n, f in health["feeds"].items()} == dict.fromkeys(sims, "connected")
+        books = health["books"]
+        assert {k: b["status"] for k, b in books.items() if not k.startswith("bithumb")} == {
+            k: "synced" for k in ("kucoin:BSV/USDT", "kucoin:SNX/BTC", "gateio:OMG/USDT", "gateio:NEO/BTC",
+                                  "bitget:EOS/USDT", "bitget:AVAX/USDT")}
+        assert {(books[k]["status"], books[k]["reason"]) for k in ("bithumb:CHZ/KRW", "bithumb:ETH/BTC")} == {
+            ("stale", "untrusted")}
+        assert all(p.startswith("/api/v3/market/orderbook/level2?symbol=") for p in sims["kucoin"].rest_requests
+                   if "orderbook" in p)  # the keyed full book, signatures accepted
+        assert not [p for p in sims["gateio"].rest_requests if "order_book" in p]  # V2: no REST snapshots
+
+        latest = models.decode(await bus.redis.get(bus.keys.latest_book("kucoin", "BSV/USDT")))
+        assert isinstance(latest, BookSnapshot) and latest.status == "synced"
+        legacy = models.decode(await bus.redis.get(bus.keys.latest_book("bithumb", "CHZ/KRW")))
+        assert isinstance(legacy, BookSnapshot) and legacy.status == "stale"
+        eos = msgspec.json.decode(await bus.redis.hget(bus.keys.instruments("bitget"), "EOS/USDT"), type=Instrument)
+        assert (eos.native, eos.tick_size, eos.taker_fee) == ("EOSUSDT", Decimal("0.0001"), Decimal("0.002"))
+        omg = msgspec.json.decode(await bus.redis.hget(bus.keys.instruments("gateio"), "OMG/USDT"), type=Instrument)
+        assert (omg.native, omg.tick_size, omg.lot_size) == ("OMG_USDT", Decimal("0.001"), Decimal("0.001"))
+        assert {m.exchange for m in await _entries(bus, "md.EOS") if type(m) is BookSnapshot} == {"bitget"}
+    finally:
+        out = _stop(proc)
+        for sim in sims.values():
+            await sim.stop()
+    assert proc.returncode == 0, out[-3000:]
+
+    published_books = published_trades = 0
+    for stream in ("md.BSV", "md.SNX", "md.OMG", "md.NEO", "md.EOS", "md.AVAX", "md.CHZ", "md.ETH"):
+        entries = await _entries(bus, stream)
+        published_books += sum(1 for m in entries if type(m) is BookSnapshot)
+        published_trades += sum(1 for m in entries if type(m) is models.Trade)
+    await bus.close()
+    assert published_books > 300
+    with clickhouse_server(chdb_dir) as url:
+        from shared import clickhouse
+
+        client = clickhouse.connect(url)
+        assert int(client.command("SELECT count() FROM orderbook_snapshots")) == published_books
+        assert int(client.command("SELECT count() FROM tick_trades")) == published_trades
+        client.close()

@@ -23,12 +23,29 @@ from shared.models import Level
 
 RawLevel = Sequence[str]
 """A level as the exchange sent it: ``[price, size, ...]`` strings."""
+ParsedLevel = tuple[float, float, str, str]
+"""``(price, size, price string, size string)``: a raw level read once, checked, ready to apply."""
 
 WINDOW = 128
 """Levels kept sorted after a rebuild or a cut."""
 WINDOW_MAX = 1024
 """The sorted window is cut back to ``WINDOW`` levels when it grows past this."""
 INF = float("inf")
+
+
+def parse_raw(levels: Iterable[RawLevel]) -> list[ParsedLevel]:
+    """Read the exchange's strings once, before anything is applied: ``ValueError`` on a level
+    that is not a positive finite price with a finite, non-negative size (``float`` alone would
+    take "nan", "inf" and "-1")."""
+    out: list[ParsedLevel] = []
+    append = out.append
+    for level in levels:
+        price_s, size_s = level[0], level[1]
+        price, size = float(price_s), float(size_s)
+        if not (0.0 < price < INF and 0.0 <= size < INF):
+            raise ValueError(f"{price_s}:{size_s}")
+        append((price, size, price_s, size_s))
+    return out
 
 
 class BookSide:
@@ -98,6 +115,44 @@ class BookSide:
             else:
                 raw[price] = (price_s, size_s)
         self.update(parsed)
+
+    def update_parsed(self, levels: Iterable[ParsedLevel]) -> None:
+        """``update_raw`` for levels already read by ``parse_raw`` (checksummed books' hot path)."""
+        raw = self.raw
+        if raw is None:
+            raise ValueError("this book does not keep the original strings")
+        book = self.levels
+        keys = self.keys
+        sign = self.sign
+        edge = self.edge
+        for price, size, price_s, size_s in levels:
+            if size == 0.0:
+                raw.pop(price, None)
+                if book.pop(price, None) is not None:
+                    k = sign * price
+                    if k <= edge:
+                        del keys[bisect_left(keys, k)]
+            else:
+                raw[price] = (price_s, size_s)
+                if price not in book:
+                    k = sign * price
+                    if k <= edge:
+                        insort(keys, k)
+                book[price] = size
+        if len(keys) > WINDOW_MAX:
+            self._cut()
+
+    def load_parsed(self, levels: Iterable[ParsedLevel]) -> None:
+        self.clear()
+        book = self.levels
+        raw = self.raw
+        if raw is None:
+            raise ValueError("this book does not keep the original strings")
+        for price, size, price_s, size_s in levels:
+            if size != 0.0:
+                book[price] = size
+                raw[price] = (price_s, size_s)
+        self._rebuild(WINDOW)
 
     def load(self, levels: Iterable[tuple[float, float]]) -> None:
         """Replace the side wholesale (snapshots): one sort instead of many inserts."""
@@ -204,6 +259,17 @@ class OrderBook:
     def apply_raw(self, bids: Iterable[RawLevel], asks: Iterable[RawLevel]) -> None:
         self.bids.update_raw(bids)
         self.asks.update_raw(asks)
+        self._bound()
+
+    def apply_parsed(self, bids: Iterable[ParsedLevel], asks: Iterable[ParsedLevel]) -> None:
+        self.bids.update_parsed(bids)
+        self.asks.update_parsed(asks)
+        if len(self.bids.levels) > self.max_levels or len(self.asks.levels) > self.max_levels:
+            self._bound()
+
+    def replace_parsed(self, bids: Iterable[ParsedLevel], asks: Iterable[ParsedLevel]) -> None:
+        self.bids.load_parsed(bids)
+        self.asks.load_parsed(asks)
         self._bound()
 
     def replace(self, bids: Iterable[tuple[float, float]], asks: Iterable[tuple[float, float]]) -> None:

@@ -135,14 +135,15 @@ def cmd_record(argv: list[str]) -> int:
 
 
 async def _record(cfg: Any, args: argparse.Namespace) -> int:
+    from services.collector.exchanges import venue_options
     from services.collector.feed import Feed
     from services.collector.rest import RestClient
-    from services.collector.venue import Fees, VenueOptions
+    from services.collector.venue import Fees
+    from shared.config import Secrets
 
     ex = cfg.exchanges.get(args.exchange)
     c = cfg.collector
-    venue = make_venue(args.exchange, VenueOptions(snapshot_depth=c.snapshot_depth, trades=c.trades, bbo=c.bbo,
-                                                   upbit_format=c.upbit_format))
+    venue = make_venue(args.exchange, venue_options(args.exchange, c, ex, Secrets.load()))
     rest = RestClient(args.exchange, args.rest_url or ex.rest_url or venue.rest_url, venue.rest_limit)
     counts: Counter[str] = Counter()
 

@@ -9,6 +9,7 @@ same object. It
 - lets the exchange's ``BookSync`` apply its rules and acts on the outcome: publish the
   top-N snapshot, or mark the book stale and ask for a resync (REST snapshot or
   resubscription, as the exchange requires),
+- publishes books the exchange gives no way to verify (no sync point) marked stale only,
 - rejects crossed books, marks books stale on disconnect and on silence, and
 - emits ``BookStatus`` exactly when a book turns stale or synced.
 
@@ -31,6 +32,7 @@ from services.collector.venue import (
     BUFFERED,
     IGNORED,
     NEED_SNAPSHOT,
+    UNTRUSTED,
     BboMsg,
     BookMsg,
     BookSync,
@@ -241,6 +243,8 @@ class FeedCore:
             ))
         elif outcome is IGNORED or outcome is BUFFERED:
             return
+        elif outcome is UNTRUSTED:
+            self._untrusted(entry, recv_ns)
         elif outcome is NEED_SNAPSHOT:
             self.actions.append(FetchSnapshot(entry.native))
         elif outcome is ALIVE:
@@ -254,6 +258,30 @@ class FeedCore:
                 ))
         else:
             self._desync(entry, outcome.reason, recv_ns)
+
+    def _untrusted(self, entry: BookEntry, recv_ns: int) -> None:
+        """A book the exchange gives no way to verify: published, but only ever marked stale."""
+        sync = entry.sync
+        if sync.book.crossed():
+            self._malformed("crossed")
+            sync.reset()
+            self._desync(entry, "crossed", recv_ns)
+            return
+        if entry.reason != "untrusted":  # say once why this book is never synced
+            was_synced = entry.status is SYNCED
+            entry.status = STALE
+            entry.reason = "untrusted"
+            if was_synced or not entry.stale_since_ns:
+                entry.stale_since_ns = recv_ns
+            metrics.BOOK_STALE.labels(self.exchange, entry.symbol).set(1)
+            self.outputs.append(BookStatus(exchange=self.exchange, symbol=entry.symbol, status=STALE,
+                                           reason="untrusted", seq=sync.seq, ts_ns=recv_ns))
+        entry.last_change_ns = recv_ns
+        bids, asks = sync.book.top(self.depth)
+        self.outputs.append(BookSnapshot(
+            exchange=self.exchange, symbol=entry.symbol, seq=sync.seq, bids=bids, asks=asks,
+            ts_exchange_ns=sync.ts_exchange_ns or recv_ns, ts_recv_ns=recv_ns, status=STALE,
+        ))
 
     # ------------------------------------------------------------------ state changes
 

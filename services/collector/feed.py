@@ -96,6 +96,7 @@ class Feed:
         self._fetching: set[str] = set()
         self._last_fetch: dict[str, float] = {}
         self._resubscribing: set[str] = set()
+        self._resubscribe_again: set[str] = set()
         self._last_resubscribe: dict[str, float] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopping = asyncio.Event()
@@ -281,9 +282,12 @@ class Feed:
             if type(action) is FetchSnapshot and native not in self._fetching:
                 self._fetching.add(native)
                 self._spawn(self._fetch(native, self._generation))
-            elif type(action) is Resubscribe and native not in self._resubscribing:
-                self._resubscribing.add(native)
-                self._spawn(self._resubscribe(native, self._generation))
+            elif type(action) is Resubscribe:
+                if native in self._resubscribing:
+                    self._resubscribe_again.add(native)  # asked again while one is under way
+                else:
+                    self._resubscribing.add(native)
+                    self._spawn(self._resubscribe(native, self._generation))
 
     async def _fetch(self, native: str, generation: int) -> None:
         # A snapshot older than the stream is asked again (Binance's rule), but not in a tight loop.
@@ -302,10 +306,17 @@ class Feed:
             ):
                 with attempt:
                     if generation != self._generation:
-                        return  # the connection it was for is gone; the new one asks again
+                        return  # the connection it was for is gone
                     body = await self.rest.get(request)
         finally:
             self._fetching.discard(native)
+            # A new connection's book may have asked while this one was under way (and been
+            # told one was coming): it gets its own.
+            if generation != self._generation and not self._stopping.is_set():
+                entry = self.core.books.get(native)
+                if entry is not None and entry.sync.awaiting_snapshot:
+                    self._fetching.add(native)
+                    self._spawn(self._fetch(native, self._generation))
         recv_ns = time.time_ns()
         if generation != self._generation:
             return
@@ -328,6 +339,10 @@ class Feed:
                 await ws.send(message)
         finally:
             self._resubscribing.discard(native)
+            if native in self._resubscribe_again and not self._stopping.is_set():
+                self._resubscribe_again.discard(native)
+                self._resubscribing.add(native)
+                self._spawn(self._resubscribe(native, self._generation))
 
     # ------------------------------------------------------------------ reporting
 

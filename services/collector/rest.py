@@ -2,7 +2,8 @@
 
 ``WeightBudget`` is the pure part: a token bucket refilled continuously at
 ``weight / per_s``, answering "how long until this request may go" for a given time.
-``RestClient`` waits that long, sends the GET, and honours the exchange's own brakes:
+``RestClient`` waits that long, sends the request (signed at that moment when it needs a
+key), and honours the exchange's own brakes:
 HTTP 429/418 with ``Retry-After`` pause every request to that exchange until then.
 """
 
@@ -12,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -82,8 +84,13 @@ class RestClient:
             await asyncio.sleep(wait)
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(timeout=self.timeout)
+        headers = None
+        if request.sign is not None:
+            query = f"?{urlencode(request.params)}" if request.params else ""
+            headers = request.sign(request.method, request.path + query)
         try:
-            async with self._session.get(self.url(request), params=request.params or None) as resp:
+            async with self._session.request(request.method, self.url(request), params=request.params or None,
+                                             headers=headers) as resp:
                 body = await resp.read()
                 if resp.status in (418, 429):
                     retry_after = float(resp.headers.get("Retry-After", "60"))

@@ -19,12 +19,12 @@ import msgspec
 
 from services.collector.clickhouse_sink import ClickHouseSink
 from services.collector.core import FeedCore
-from services.collector.exchanges import VENUES, make_venue
+from services.collector.exchanges import VENUES, make_venue, venue_options
 from services.collector.feed import Feed
 from services.collector.fx import FxDesk, ReferenceSource
 from services.collector.publisher import Publisher
 from services.collector.rest import RestClient
-from services.collector.venue import Fees, VenueOptions
+from services.collector.venue import Fees
 from shared.config import Config
 from shared.models import Instrument, Message
 from shared.runtime import retry_redis
@@ -63,10 +63,7 @@ class CollectorService(Service):
                 log.warning("no collector module for this exchange yet", extra={"exchange": name})
                 continue
             ex = cfg.exchanges.get(name)
-            venue = make_venue(name, VenueOptions(
-                snapshot_depth=c.snapshot_depth, trades=c.trades, bbo=c.bbo, upbit_format=c.upbit_format,
-                channel_depth=ex.book_depth, book_channel=ex.book_channel,
-            ))
+            venue = make_venue(name, venue_options(name, c, ex, self.secrets))
             rest = RestClient(name, ex.rest_url or venue.rest_url, venue.rest_limit)
             self.rests.append(rest)
             feed = Feed(

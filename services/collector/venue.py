@@ -128,6 +128,9 @@ BUFFERED = Outcome("buffered")
 """Kept until a REST snapshot arrives."""
 NEED_SNAPSHOT = Outcome("need_snapshot")
 """Kept, and a REST snapshot is needed (first buffered diff, or the snapshot was too old)."""
+UNTRUSTED = Outcome("untrusted")
+"""The book changed, but the exchange gives no way to know it is complete and current (no
+sync point, no sequence): it is published marked ``stale`` and never turns synced."""
 
 
 def desync(reason: str) -> Outcome:
@@ -171,12 +174,21 @@ class BookSync(ABC):
 # --------------------------------------------------------------------------- connection rules
 
 
+Sign = Callable[[str, str], dict[str, str]]
+"""``(method, path with query) -> headers``: signs a request at the moment it is sent."""
+
+
 @dataclass(frozen=True, slots=True)
 class RestRequest:
     path: str
     params: dict[str, str] = field(default_factory=dict)
     weight: int = 1
     """The exchange's request weight, charged to the REST rate limiter."""
+    method: str = "GET"
+    """KuCoin hands out its WebSocket token on ``POST /api/v1/bullet-public``."""
+    sign: Sign | None = None
+    """Private endpoints (KuCoin's full order book): headers computed when the request leaves,
+    after any wait for the rate limiter, so the signed timestamp is fresh."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +217,15 @@ class Fees:
 
 
 @dataclass(frozen=True, slots=True)
+class Credentials:
+    """An API key for the few market-data endpoints that need one (KuCoin's full L2 snapshot)."""
+
+    key: str
+    secret: str = field(repr=False)
+    passphrase: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class VenueOptions:
     snapshot_depth: int = 1000
     """Levels asked of a REST snapshot (Binance: weight grows with it)."""
@@ -216,6 +237,8 @@ class VenueOptions:
     """Depth of the book channel where the exchange offers several (Bybit 1/50/200/1000); 0 = default."""
     book_channel: str = ""
     """Another book channel of the same protocol (OKX ``books-l2-tbt``, VIP only); "" = default."""
+    credentials: Credentials | None = None
+    """Read-only key for private market-data endpoints; None = public endpoints only."""
 
 
 Resync = Literal["snapshot", "resubscribe", "none"]
@@ -228,10 +251,12 @@ class Venue(ABC):
     name: ClassVar[str]
     ws_url: ClassVar[str]
     rest_url: ClassVar[str]
-    ping: ClassVar[PingRule] = PingRule()
+    ping: PingRule = PingRule()
+    """May be set per connection (KuCoin's bullet answer names the ping interval)."""
     rest_limit: ClassVar[RestLimit] = RestLimit(weight=10, per_s=1.0)
-    resync: ClassVar[Resync]
-    """How a lost book is recovered: a REST snapshot, a resubscription, or the next full snapshot."""
+    resync: Resync
+    """How a lost book is recovered: a REST snapshot, a resubscription, or the next full snapshot
+    (per instance: Gate's V2 channel resubscribes where its V1 channel fetches a snapshot)."""
     keep_strings: ClassVar[bool] = False
     """Books keep the original price/size strings (checksums over them)."""
 

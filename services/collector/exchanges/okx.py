@@ -24,13 +24,14 @@ import logging
 import zlib
 from collections.abc import Sequence
 from decimal import Decimal
+from itertools import chain
 from typing import Any, ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from msgspec import Struct
 
-from services.collector.book import OrderBook
+from services.collector.book import OrderBook, ParsedLevel, parse_raw
 from services.collector.venue import (
     ALIVE,
     APPLIED,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 MS = 1_000_000
 CHECKSUM_LEVELS = 25
-INF = float("inf")
 BOOK_CHANNELS = frozenset({"books", "books-l2-tbt", "books50-l2-tbt"})
 
 RawLevel = tuple[str, str, str, str]
@@ -115,27 +115,23 @@ CHANNEL_PREFIX = b'{"arg":{"channel":"'
 
 
 def checksum(book: OrderBook) -> int:
-    """OKX's CRC32 over the top 25 levels of each side, interleaved bid/ask, as a signed int32."""
+    """OKX's CRC32 over the top 25 levels of each side, interleaved bid/ask, as a signed int32
+    (Bitget's is the same)."""
     bids = book.bids.top_raw(CHECKSUM_LEVELS)
     asks = book.asks.top_raw(CHECKSUM_LEVELS)
-    parts: list[str] = []
-    for i in range(max(len(bids), len(asks))):
-        if i < len(bids):
-            parts.append(f"{bids[i][0]}:{bids[i][1]}")
-        if i < len(asks):
-            parts.append(f"{asks[i][0]}:{asks[i][1]}")
-    crc = zlib.crc32(":".join(parts).encode())
+    n = min(len(bids), len(asks))
+    levels = [level for pair in zip(bids, asks, strict=False) for level in pair]  # bid 1, ask 1, bid 2, ...
+    levels += bids[n:] or asks[n:]  # the longer side goes on alone
+    crc = zlib.crc32(":".join(chain.from_iterable(levels)).encode())
     return crc - (1 << 32) if crc >= 1 << 31 else crc
 
 
-def _positive(level: RawLevel) -> None:
+def parsed(levels: Sequence[Sequence[str]]) -> list[ParsedLevel]:
+    """The levels read and checked once, before the book is touched."""
     try:
-        price, size = float(level[0]), float(level[1])
-    except ValueError:
-        raise Malformed("bad_number", f"{level[0]}:{level[1]}") from None
-    # float() also accepts "nan", "inf" and "-1": none of them is a price or a size.
-    if not (0 < price < INF and 0 <= size < INF):
-        raise Malformed("bad_level", f"{level[0]}:{level[1]}")
+        return parse_raw(levels)
+    except ValueError as exc:
+        raise Malformed("bad_level", str(exc)[:100]) from None
 
 
 class OkxBook(BookSync):
@@ -151,12 +147,9 @@ class OkxBook(BookSync):
             ts = int(d.ts)
         except ValueError:
             raise Malformed("bad_number", d.ts) from None
-        for level in d.bids:
-            _positive(level)
-        for level in d.asks:
-            _positive(level)
+        bids, asks = parsed(d.bids), parsed(d.asks)
         if action == "snapshot":
-            self.book.replace_raw(d.bids, d.asks)
+            self.book.replace_parsed(bids, asks)
             self.synced = True
         elif action == "update":
             if not self.synced:
@@ -167,7 +160,7 @@ class OkxBook(BookSync):
                 if d.prevSeqId != self.seq_id and not d.seqId < d.prevSeqId:
                     self.reset()
                     return desync("gap")
-            self.book.apply_raw(d.bids, d.asks)
+            self.book.apply_parsed(bids, asks)
         else:
             raise Malformed("unknown_action", action)
         self.seq_id = d.seqId

@@ -177,8 +177,9 @@ def unified(market: str) -> tuple[str, str]:
     return base, quote
 
 
-def parse_markets(body: bytes, ticks: dict[str, Decimal], fees: Fees) -> list[Instrument]:
-    out: list[Instrument] = []
+def market_codes(body: bytes) -> list[tuple[str, str, str]]:
+    """``(market, base, quote)`` of every market in a ``/v1/market/all`` answer (Bithumb's too)."""
+    out = []
     for m in _any.decode(body):
         market = m.get("market") if isinstance(m, dict) else None
         if not isinstance(market, str):
@@ -187,6 +188,13 @@ def parse_markets(body: bytes, ticks: dict[str, Decimal], fees: Fees) -> list[In
             base, quote = unified(market)
         except Malformed:
             continue
+        out.append((market, base, quote))
+    return out
+
+
+def parse_markets(body: bytes, ticks: dict[str, Decimal], fees: Fees) -> list[Instrument]:
+    out: list[Instrument] = []
+    for market, base, quote in market_codes(body):
         out.append(Instrument(
             exchange="upbit", symbol=f"{base}/{quote}", native=market, base=base, quote=quote,
             # Below the tables: the market's own tick when the exchange gave it, else a value

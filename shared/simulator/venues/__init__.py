@@ -11,6 +11,10 @@ SIM_VENUES: dict[str, str] = {
     "upbit": "shared.simulator.venues.upbit:UpbitSim",
     "okx": "shared.simulator.venues.okx:OkxSim",
     "bybit": "shared.simulator.venues.bybit:BybitSim",
+    "bithumb": "shared.simulator.venues.bithumb:BithumbSim",
+    "kucoin": "shared.simulator.venues.kucoin:KucoinSim",
+    "gateio": "shared.simulator.venues.gateio:GateioSim",
+    "bitget": "shared.simulator.venues.bitget:BitgetSim",
 }
 
 

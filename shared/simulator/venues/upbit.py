@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from shared.simulator.server import Connection, Key, SimVenue
@@ -39,7 +40,7 @@ def rename(value: Any, names: dict[str, str]) -> Any:
 
 class UpbitSim(SimVenue):
     name = "upbit"
-    ws_paths = ("/websocket/v1",)
+    ws_paths: Sequence[str] = ("/websocket/v1",)
     binary_frames = True
 
     def on_message(self, conn: Connection, data: str | bytes) -> None:
