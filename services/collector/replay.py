@@ -186,7 +186,9 @@ class ReplaySource:
             self._connected.add(name)
             core.on_connected(recv_ns)
         core.actions.clear()  # a recording cannot answer requests: its snapshots arrive in-stream
-        out = core.take()
+        out = core.outputs
+        if out:
+            core.outputs = []
         if recv_ns >= self._next_check:
             self._next_check = recv_ns + SILENCE_CHECK_NS
             for other in self.cores.values():
