@@ -69,6 +69,8 @@ class CollectorService(Service):
         self.replay: ReplaySource | None = None
         self.replayed = 0
         self.replay_done = False
+        self.replay_span = (0, 0)
+        """Wall time the first and the latest frame were played (the achieved rate, for benchmarks)."""
         self._fx_on = "upbit" in (c.replay or cfg.exchanges.enabled())
         if c.replay:
             self.replay = await ReplaySource.load(c.replay, cfg)
@@ -132,8 +134,10 @@ class CollectorService(Service):
                 await asyncio.sleep(0)  # behind schedule: still let the producer flush now and then
             if i == 0:
                 self.emit(source.start(due))
-            outputs = source.feed(i, time.time_ns() if rate_ns else due)
+            now = time.time_ns()
+            outputs = source.feed(i, now if rate_ns else due)
             self.replayed = i + 1
+            self.replay_span = (self.replay_span[0] or now, now)
             if outputs:
                 self.emit(outputs)
         # Nothing arrives after the recording: its books go stale as the silence rule has it.
@@ -176,8 +180,10 @@ class CollectorService(Service):
             now = time.time_ns()
             for name, core in self.replay.cores.items():
                 doc["books"].update({f"{name}:{symbol}": book for symbol, book in core.health(now).items()})
-            doc["replay"] = {"frames": len(self.replay), "played": self.replayed,
-                             "done": self.replay_done}
+            first, last = self.replay_span
+            doc["replay"] = {"frames": len(self.replay), "played": self.replayed, "done": self.replay_done,
+                             "frames_per_s": round((self.replayed - 1) / ((last - first) / 1e9), 1)
+                             if last > first else None}
         doc["books_stale"] = sum(1 for b in doc["books"].values() if b["status"] != "synced")
         if self.ticks is not None:
             doc["clickhouse"] = self.ticks.health()
