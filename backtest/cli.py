@@ -185,8 +185,10 @@ def _spec(args: argparse.Namespace) -> tuple[RunSpec, dict[str, Any]]:
         return spec, {"clickhouse": url, "from": args.from_, "to": args.to}
     from backtest.runner import SCENARIO_CONFIG
     from backtest.scenario import ScenarioParams, ensure
+    from shared.config import load_config
 
-    scenario = ensure(ScenarioParams(seed=args.scenario_seed, duration_s=args.duration), Path("var") / "scenarios")
+    var = Path(load_config(args.config or str(SCENARIO_CONFIG)).var_dir)
+    scenario = ensure(ScenarioParams(seed=args.scenario_seed, duration_s=args.duration), var / "scenarios")
     spec = RunSpec(captures=scenario.captures, config_path=args.config or str(SCENARIO_CONFIG), note=scenario.note,
                    **common)
     return spec, {"scenario": {"seed": args.scenario_seed, "duration_s": round(scenario.duration_s, 3),
@@ -198,18 +200,20 @@ def _grid_runs(args: argparse.Namespace, spec: RunSpec) -> int:
     if not grid:
         print("arb backtest: --sweep and --walk-forward need at least one --grid", file=sys.stderr)
         return 2
-    out = Path(args.out or Path("var") / "backtest" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
+    from backtest.runner import build_source, load_cfg
+
+    cfg = load_cfg(spec)
+    out = Path(args.out or Path(cfg.var_dir) / "backtest" / datetime.now(UTC).strftime("%Y%m%dT%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    progress = ProgressBar("runs") if args.progress or (sys.stderr.isatty() and not args.quiet) else None
     if args.walk_forward:
-        from backtest.runner import build_source, load_cfg
-
-        source = build_source(spec, load_cfg(spec))
+        source = build_source(spec, cfg)
         doc = walk_forward(spec, grid, windows=args.walk_forward, span=(source.start_ns, source.end_ns),
-                           workers=args.workers, objective=args.objective)
+                           workers=args.workers, objective=args.objective, progress=progress)
         name = "walk_forward.json"
     else:
-        doc = sweep(spec, grid, workers=args.workers, objective=args.objective)
+        doc = sweep(spec, grid, workers=args.workers, objective=args.objective, progress=progress)
         name = "sweep.json"
     doc["wall_s"] = round(time.perf_counter() - started, 2)
     if spec.note:

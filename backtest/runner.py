@@ -21,7 +21,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from pathlib import Path
@@ -169,11 +169,35 @@ def run_summary(spec: RunSpec) -> dict[str, Any]:
     return doc
 
 
-def _map(fn: Callable[[RunSpec], dict[str, Any]], specs: list[RunSpec], workers: int) -> list[dict[str, Any]]:
+class _Counted:
+    """Progress over several batches of runs: ``done`` of ``total`` so far."""
+
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total = total
+        self.done = 0
+        self.progress = progress
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _map(fn: Callable[[RunSpec], dict[str, Any]], specs: list[RunSpec], workers: int,
+         counted: _Counted | None = None) -> list[dict[str, Any]]:
     if workers <= 1 or len(specs) <= 1:
-        return [fn(s) for s in specs]
+        out = []
+        for s in specs:
+            out.append(fn(s))
+            if counted is not None:
+                counted.tick()
+        return out
     with ProcessPoolExecutor(max_workers=min(workers, len(specs))) as pool:
-        return list(pool.map(fn, specs))
+        futures = [pool.submit(fn, s) for s in specs]
+        for _ in as_completed(futures):
+            if counted is not None:
+                counted.tick()
+        return [f.result() for f in futures]
 
 
 def _brief(doc: Mapping[str, Any], objective: str) -> dict[str, Any]:
@@ -186,9 +210,10 @@ def _brief(doc: Mapping[str, Any], objective: str) -> dict[str, Any]:
 
 
 def sweep(spec: RunSpec, grid: Mapping[str, Sequence[str]], *, workers: int = os.cpu_count() or 1,
-          objective: str = "pnl", run_one: Callable[[RunSpec], dict[str, Any]] = run_summary) -> dict[str, Any]:
+          objective: str = "pnl", run_one: Callable[[RunSpec], dict[str, Any]] = run_summary,
+          progress: Progress | None = None) -> dict[str, Any]:
     points = expand_grid(grid)
-    docs = _map(run_one, [with_params(spec, p) for p in points], workers)
+    docs = _map(run_one, [with_params(spec, p) for p in points], workers, _Counted(len(points), progress))
     rows = [{"params": p, **_brief(d, objective)} for p, d in zip(points, docs, strict=True)]
     ranked = sorted(range(len(rows)), key=lambda i: (-rows[i]["objective"], i))
     return {"objective": objective, "grid": {k: list(v) for k, v in grid.items()}, "runs": len(rows),
@@ -202,11 +227,13 @@ def windows_of(start_ns: int, end_ns: int, n: int) -> list[tuple[int, int]]:
 
 def walk_forward(spec: RunSpec, grid: Mapping[str, Sequence[str]], *, windows: int, span: tuple[int, int],
                  workers: int = os.cpu_count() or 1, objective: str = "pnl",
-                 run_one: Callable[[RunSpec], dict[str, Any]] = run_summary) -> dict[str, Any]:
+                 run_one: Callable[[RunSpec], dict[str, Any]] = run_summary,
+                 progress: Progress | None = None) -> dict[str, Any]:
     """Optimise on window k, test the choice on window k+1, for k = 0 .. windows-2."""
     if windows < 2:
         raise ValueError("walk-forward needs at least two windows")
     points = expand_grid(grid)
+    counted = _Counted((windows - 1) * (len(points) + 1), progress)
     cuts = windows_of(span[0], span[1], windows)
     steps: list[dict[str, Any]] = []
     oos_pnl = 0.0
@@ -214,10 +241,11 @@ def walk_forward(spec: RunSpec, grid: Mapping[str, Sequence[str]], *, windows: i
     for k in range(windows - 1):
         (train_from, train_to), (test_from, test_to) = cuts[k], cuts[k + 1]
         train = [replace(with_params(spec, p), trade_from_ns=train_from, until_ns=train_to) for p in points]
-        docs = _map(run_one, train, workers)
+        docs = _map(run_one, train, workers, counted)
         scores = [_objective(d, objective) for d in docs]
         best = max(range(len(points)), key=lambda i: (scores[i], -i))
         test_doc = run_one(replace(with_params(spec, points[best]), trade_from_ns=test_from, until_ns=test_to))
+        counted.tick()
         test = _brief(test_doc, objective)
         oos_pnl += test["realised_pnl"]
         oos_arbs += test["arbitrages"]

@@ -109,7 +109,13 @@ class ClickHouseSource:
                  *, chunk_rows: int = 50_000) -> None:
         from shared import clickhouse
 
-        self.client = clickhouse.connect(url)
+        try:
+            self.client = clickhouse.connect(url)
+        except Exception as exc:
+            if "lock" in str(exc).lower():  # chDB admits one process per data directory
+                raise ValueError(f"{url} is in use by another process (a running collector owns an embedded "
+                                 "chDB): stop the stack first, or backtest its recorded captures") from None
+            raise
         self.window = window
         self.instruments = instruments or {}
         self.chunk_rows = chunk_rows

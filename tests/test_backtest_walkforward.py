@@ -80,3 +80,23 @@ def test_a_sweep_in_worker_processes_equals_the_same_runs_one_by_one(tmp_path: P
     by = {(r["params"]["trading.min_profit_threshold"], r["params"]["latency.order"]): r for r in parallel["results"]}
     assert by[("0.004", "5")]["arbitrages"] < by[("0.0003", "5")]["arbitrages"]
     assert by[("0.0003", "binance=200")]["realised_pnl"] != by[("0.0003", "5")]["realised_pnl"]
+
+
+def test_arb_backtest_sweep_and_walk_forward_write_their_results(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "shared.cli", "backtest", "--duration", "60", "--quiet", "--workers", "2",
+            "--grid", "trading.min_profit_threshold=0.0005,0.004"]
+    done = subprocess.run([*base, "--sweep", "--out", str(tmp_path / "s")], capture_output=True, text=True,
+                          timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    swept = json.loads((tmp_path / "s" / "sweep.json").read_text())
+    assert swept["runs"] == 2 and swept["note"].startswith("SYNTHETIC")
+    done = subprocess.run([*base, "--walk-forward", "3", "--out", str(tmp_path / "w")], capture_output=True,
+                          text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    walked = json.loads((tmp_path / "w" / "walk_forward.json").read_text())
+    assert len(walked["steps"]) == 2 and "out_of_sample" in walked
+    assert "out-of-sample total" in done.stdout
