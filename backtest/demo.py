@@ -209,7 +209,7 @@ def cmd_demo(argv: list[str]) -> int:
             view.close()
         launcher.shutdown()
     if summary:
-        _print_summary(summary, cfg, session, time.monotonic() - started, var, scenario is not None)
+        _print_summary(summary, cfg, session, time.monotonic() - started, var, scenario)
         if summary.get("unreconciled"):
             code = 1
     return code
@@ -328,7 +328,7 @@ def _reconcile(view: View, reference: str) -> list[str]:
     return bad
 
 
-def _print_summary(s: dict[str, Any], cfg: Any, session: str, wall_s: float, var: Path, replayed: bool) -> None:
+def _print_summary(s: dict[str, Any], cfg: Any, session: str, wall_s: float, var: Path, scenario: Any) -> None:
     ref = cfg.trading.reference_currency
     print()
     print(f"demo finished in {wall_s:.0f} s (session {session})")
@@ -352,11 +352,12 @@ def _print_summary(s: dict[str, Any], cfg: Any, session: str, wall_s: float, var
     print("                          `arb monitor --metrics`, `arb down`")
     print(f"  PostgreSQL (embedded under {var / 'pg'}, started by `arb up`): trades, fills, orders, order_events,")
     print(f"                          balances WHERE session = '{session}'")
-    if replayed:
-        print("  arb backtest            the same scenario through the backtest engine (report under var/backtest/)")
+    if scenario is not None:
         from shared.clickhouse import normalise_url
 
-        print(f"  ClickHouse ticks        this demo's books and trades in {normalise_url(cfg.clickhouse.url)}:")
-        print("                          `arb backtest --clickhouse` reads them")
+        print("  arb backtest            the same scenario through the backtest engine (report under var/backtest/)")
+        print(f"  ClickHouse ticks        this demo's books and trades, in {normalise_url(cfg.clickhouse.url)}:")
+        metadata = " ".join(f"--metadata {ex}={files[-1]}" for ex, files in sorted(scenario.captures.items()))
+        print(f"    arb backtest --clickhouse --config {SCENARIO_CONFIG} {metadata}")
     for name, url in (s.get("metrics") or {}).items():
         print(f"  metrics while running   {name:<10} {url}")

@@ -187,8 +187,8 @@ class Engine:
         fx_exchange = self._fx_exchange
         heap = self._heap
         total = len(self.source)
-        count = 0
-        last = 0
+        count = last = n_books = n_bbos = n_trades = n_statuses = 0
+        next_report = progress_every
         for t, exchange, outputs in self.source.batches():
             if t >= until:
                 break
@@ -197,24 +197,22 @@ class Engine:
             if heap and heap[0][0] < t:
                 self._run_due(t)
             self.now = t
-            if count == 1:
-                self._first_event = t
             msg: Any
             for msg in outputs:
                 kind = type(msg)
-                if kind is BookSnapshot:
-                    stats.books += 1
+                if kind is TopOfBook:  # the most frequent, and nothing downstream reads it
+                    n_bbos += 1
+                elif kind is BookSnapshot:
+                    n_books += 1
                     books[(msg.exchange, msg.symbol)] = (msg, t)
                     if zero_feed:
                         detect(msg)
                     else:
                         deliver(msg.exchange, msg)
-                elif kind is TopOfBook:
-                    stats.bbos += 1
                 elif kind is Trade:
-                    stats.trades += 1
+                    n_trades += 1
                 elif kind is BookStatus:
-                    stats.statuses += 1
+                    n_statuses += 1
                     held = books.get((msg.exchange, msg.symbol))
                     if msg.status == "stale" and held is not None and held[0].status == "synced":
                         books[(msg.exchange, msg.symbol)] = (msgspec.structs.replace(held[0], status="stale"), t)
@@ -231,13 +229,16 @@ class Engine:
                             detect(rate)
                         else:
                             deliver(exchange, rate)
-            if count % progress_every == 0:
+            if count == next_report:
+                next_report += progress_every
                 if progress is not None:
                     progress(count, total)
                 if count % GC_EVERY == 0:
                     gc.collect()
+        self._first_event = self._first_event or (self.source.start_ns if count else 0)
         self._last_event = last
-        stats.batches = count
+        stats.batches, stats.books, stats.bbos, stats.trades, stats.statuses = (
+            count, n_books, n_bbos, n_trades, n_statuses)
         self._run_due(1 << 62)  # orders in flight and executions still running finish
         stats.wall_s = time.perf_counter() - started
         if progress is not None:
