@@ -2,9 +2,9 @@
 same signals, decisions and fills.
 
 The live side is the real pipeline: collector (replay mode, paced on the wall clock at a
-quarter of the recorded speed), detector, risk and executor as separate processes over Redis
+fifth of the recorded speed), detector, risk and executor as separate processes over Redis
 and PostgreSQL. The backtest reads the same files with the same start and speed, so both see
-the same times. At this pace every book change is at least ~100 ms from the next, far more
+the same times. At this pace every book change is at least 125 ms from the next, far more
 than the pipeline takes from a signal to its fills and its balances, so the order of events
 is the same on both sides: that is what parity needs (at full speed a live executor can meet
 a book that moved while the order travelled, which the backtest's latency model only
@@ -33,9 +33,9 @@ from shared.config import load_config
 from shared.models import Decision, Execution, Fill, OrderIntent, Signal
 from shared.streams import KeySpace
 
-SPEED = 0.25
+SPEED = 0.2
 # Follow mode: Upbit answers each Binance depth update 50 ms later and the FX book moves 25 ms
-# after one, so no two books change within 25 ms of recorded time (100 ms here); the premium
+# after one, so no two books change within 25 ms of recorded time (125 ms here); the premium
 # starts 40 bps below the FX rate, so the detector signals on most updates.
 PARAMS = ScenarioParams(seed=11, duration_s=3.0, follow_depth=True, lag_ms=50.0, lag_sigma=0.0, premium_start=-0.004)
 
