@@ -86,9 +86,13 @@ def _best(label: str, repeat: int, make: Callable[[], Callable[[], Any]]) -> tup
     for _ in range(repeat):
         job = make()  # loading is not timed
         gc.collect()
-        t0 = time.perf_counter()
-        out = job()
-        times.append(time.perf_counter() - t0)
+        gc.disable()  # as the engine runs (Engine.run turns the cyclic collector off): same conditions for all
+        try:
+            t0 = time.perf_counter()
+            out = job()
+            times.append(time.perf_counter() - t0)
+        finally:
+            gc.enable()
     return min(times), times, out
 
 
