@@ -116,6 +116,7 @@ class ClickHouseSource:
                 raise ValueError(f"{url} is in use by another process (a running collector owns an embedded "
                                  "chDB): stop the stack first, or backtest its recorded captures") from None
             raise
+        clickhouse.ensure_schema(self.client)  # a store nothing was written to yet reads as empty, not as an error
         self.window = window
         self.instruments = instruments or {}
         self.chunk_rows = chunk_rows
@@ -127,6 +128,8 @@ class ClickHouseSource:
         self.exchanges = sorted(row[3])
         self.trades = int(self.client.query(f"SELECT count() FROM tick_trades {where}",
                                             parameters=params).result_rows[0][0])
+        if not self.books:
+            raise ValueError(f"no order books in {url} for that window (exchanges {list(window.exchanges) or 'all'})")
 
     def _where(self) -> tuple[str, dict[str, Any]]:
         w = self.window
