@@ -7,7 +7,7 @@ snapshots, instrument lists) to ``on_rest``, a recorded reconnection to
 ``emit`` as they are produced. With ``speed`` set, records are paced by their receive
 times (1.0 = as recorded); otherwise they run as fast as possible.
 
-``ReplaySource`` plays captures of several exchanges as one session, for the collector's
+``ReplaySource`` plays captures of several exchanges as one timeline, for the collector's
 replay mode and the backtest.
 """
 
@@ -75,7 +75,7 @@ def replay(
 
 
 class ReplayError(ValueError):
-    """A capture set that cannot be replayed as a session (no instrument list, unknown exchange)."""
+    """A capture set that cannot be replayed (no instrument list, unknown exchange)."""
 
 
 _SHIFTED_BOOK = (BookSnapshot, TopOfBook, Trade)
@@ -93,7 +93,7 @@ def shift_times(outputs: list[Message], delta_ns: int) -> None:
 
 
 class ReplaySource:
-    """Captures of several exchanges played as one session, through each exchange's ``FeedCore``.
+    """Captures of several exchanges played as one timeline, through each exchange's ``FeedCore``.
 
     This is the collector's replay mode (``collector.replay``) and the backtest's capture
     source: both drive the very same object, so they produce the very same messages.
@@ -163,7 +163,7 @@ class ReplaySource:
         return cls(cores, natives, instruments, [(t, name, r) for t, _, _, name, r in merged])
 
     def start(self, delivered_ns: int) -> list[Message]:
-        """The books the session expects, stale until their first sync (as a feed starts)."""
+        """The books the replay expects, stale until their first sync (as a feed starts)."""
         out: list[Message] = []
         for name, core in self.cores.items():
             core.track(self.natives[name], self.origin_ns)
