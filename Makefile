@@ -1,11 +1,13 @@
 # Two commands do everything on a fresh clone:
-#   make run    start the whole system on the embedded stack (no servers needed)
+#   make demo   the whole system trading in paper mode over the bundled data, about a minute, no servers
+#               (make demo LIVE=1: the same on the exchanges' live public feeds)
 #   make test   run the test suite against real Redis/PostgreSQL/chDB
+# and `make run` starts the system on the embedded stack until Ctrl-C.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint clean
+.PHONY: setup demo run test lint clean
 
 setup: $(VENV)/.installed
 
@@ -15,6 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+demo: setup
+	$(BIN)/arb demo $(if $(LIVE),--live)
+
 run: setup
 	$(BIN)/arb up
 
@@ -22,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: setup
-	$(BIN)/ruff check shared services tests
+	$(BIN)/ruff check shared services tests backtest
 	$(BIN)/mypy
 
 clean:

@@ -18,7 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "streams": ("shared.ops.streams:cmd_streams", "per stream: length, groups, lag, pending, idle consumers, DLQ"),
     "db": ("shared.cli_tools:cmd_db", "database tools: `arb db migrate`"),
     "config": ("shared.cli_tools:cmd_config", "check the configuration and print it (secrets never shown)"),
-    "bench": ("shared.bench:cmd_bench", "benchmarks printing JSON (bus, collector, detector, risk, executor, ...)"),
+    "bench": ("shared.bench:cmd_bench", "benchmarks printing JSON (bus, collector, ..., backtest, pipeline)"),
+    "backtest": ("backtest.cli:cmd_backtest",
+                  "the cores over recorded data on a simulated clock (--sweep, --walk-forward)"),
+    "demo": ("backtest.demo:cmd_demo", "the whole pipeline in paper mode over the bundled scenario, live view"),
     # collector
     "record": ("services.collector.cli:cmd_record", "record raw exchange frames to a gzip capture"),
     "replay": ("services.collector.cli:cmd_replay", "replay a capture through the book code (--dump-books)"),

@@ -202,6 +202,17 @@ class CollectorSettings(_Section, frozen=True):
     fx_reference_interval_ms: PosInt = 60_000
     fx_max_divergence: Annotated[float, Meta(gt=0, lt=1)] = 0.03
     """Alert when |USDT/KRW / USD/KRW - 1| exceeds this."""
+    replay: dict[str, tuple[str, ...]] = {}
+    """Replay mode: exchange -> capture files played instead of connecting (docs/collector.md);
+    empty = connect to the exchanges."""
+    replay_speed: PosFloat = 1.0
+    """Replay pace: recorded time / speed. Each frame is stamped with the time it is due, so a
+    backtest with the same start and speed sees the very same messages."""
+    replay_rate: NonNegFloat = 0.0
+    """Frames per second, evenly spaced and stamped with the time each is actually handled
+    (benchmarks); 0 = paced by ``replay_speed``."""
+    replay_start_ns: NonNegInt = 0
+    """When the first frame is due (ns since the epoch); 0 = one second after the collector started."""
 
 
 class StatPairSettings(_Section, frozen=True):
@@ -729,6 +740,11 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
                 raise ConfigError(f"exchanges.{name}.{fee_name}", rule, fee)
         if ex.enabled and not ex.symbols:
             raise ConfigError(f"exchanges.{name}.symbols", "must list at least one symbol when enabled", [])
+    for name in cfg.collector.replay:
+        if name not in EXCHANGES:
+            raise ConfigError(f"collector.replay.{name}", f"must be one of {', '.join(EXCHANGES)}", show_value=False)
+        if not cfg.exchanges.get(name).enabled:
+            raise ConfigError(f"collector.replay.{name}", f"needs exchanges.{name}.enabled = true", show_value=False)
     if not cfg.exchanges.enabled() and "collector" in cfg.services.enabled:
         raise ConfigError("exchanges", "must enable at least one exchange when the collector runs", show_value=False)
     if cfg.trading.max_notional > cfg.risk.max_notional_per_trade * 100:

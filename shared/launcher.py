@@ -246,6 +246,49 @@ class Launcher:
         return 0
 
 
+# ---------------------------------------------------------------------------- live feeds
+
+
+def exchange_urls(cfg: Config) -> dict[str, str]:
+    """The REST base URL the collector will use for each enabled exchange."""
+    from services.collector.exchanges import VENUES, venue_class  # only when a live start is asked for
+
+    return {name: cfg.exchanges.get(name).rest_url or venue_class(name).rest_url
+            for name in cfg.exchanges.enabled() if name in VENUES}
+
+
+def unreachable(urls: dict[str, str], timeout_s: float = 4.0) -> dict[str, str]:
+    """Name -> why its URL cannot be reached (any HTTP answer counts as reachable); empty when all answer."""
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    def probe(url: str) -> str:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s):
+                return ""
+        except urllib.error.HTTPError:
+            return ""
+        except Exception as exc:
+            return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+
+    with ThreadPoolExecutor(max_workers=max(1, len(urls))) as pool:
+        answers = dict(zip(urls, pool.map(probe, urls.values()), strict=True))
+    return {name: why for name, why in answers.items() if why}
+
+
+def live_feeds_unreachable(cfg: Config, prog: str) -> bool:
+    """Say which exchanges cannot be reached, and how to run offline; True if any cannot."""
+    urls = exchange_urls(cfg)
+    down = unreachable(urls)
+    for name, why in down.items():
+        print(f"{prog}: cannot reach {name} at {urls[name]}: {why}", file=sys.stderr)
+    if down:
+        print(f"{prog}: the live public feeds need the internet; `make demo` runs the same pipeline offline on the "
+              "bundled recording", file=sys.stderr)
+    return bool(down)
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -261,7 +304,8 @@ def cmd_up(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="arb up", description="Start the stack (embedded servers where no URL is set).")
     p.add_argument("--config")
     p.add_argument("--services", help="comma-separated subset of the enabled services")
-    p.add_argument("--paper", action="store_true", help="paper trading (the default mode)")
+    p.add_argument("--paper", action="store_true",
+                   help="paper trading on the live public feeds; stops at once if the exchanges cannot be reached")
     args = p.parse_args(argv)
     if args.paper:
         os.environ["ARB_TRADING__MODE"] = "paper"
@@ -276,6 +320,9 @@ def cmd_up(argv: list[str]) -> int:
     if unknown:
         print(f"config error: --services {','.join(unknown)} not enabled in services.enabled", file=sys.stderr)
         return 2
+    # --paper asks for live feeds: fail at once rather than run a stack whose books never sync.
+    if args.paper and "collector" in services and not cfg.collector.replay and live_feeds_unreachable(cfg, "arb up"):
+        return 1
     return Launcher(cfg, services).run()
 
 

@@ -1,6 +1,12 @@
 """The collector service: one ``Feed`` per enabled exchange, publishing to the bus, ticks to
 ClickHouse, FX from the Upbit USDT book (and an optional reference).
 
+In replay mode (``collector.replay``: exchange -> capture files) the feeds are replaced by
+one ``ReplaySource`` paced on the wall clock: the same cores, instruments loaded from the
+recorded REST responses and stored as a feed stores them, and outputs moved to the time each
+frame is played (``replay_speed``: the time it is due; ``replay_rate``: the time it is
+handled), so books are current and FX is fresh for the detectors, risk and the executor.
+
 It never stops because an exchange is unreachable: feeds retry with backoff and their
 books are published stale; ``/health`` stays ``ok`` for the process and reports every
 book's state (``books``), every feed's (``feeds``) and the tick store's (``clickhouse``).
@@ -10,6 +16,7 @@ directory); against a ClickHouse server every collector writes directly.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from decimal import Decimal
@@ -23,6 +30,7 @@ from services.collector.exchanges import VENUES, make_venue, venue_options
 from services.collector.feed import Feed
 from services.collector.fx import FxDesk, ReferenceSource
 from services.collector.publisher import Publisher
+from services.collector.replay import ReplaySource
 from services.collector.rest import RestClient
 from services.collector.venue import Fees
 from shared.config import Config
@@ -58,7 +66,18 @@ class CollectorService(Service):
         self.fx = FxDesk(source_symbol=c.fx_source, max_divergence=c.fx_max_divergence)
         self.feeds: dict[str, Feed] = {}
         self.rests: list[RestClient] = []
-        for name in cfg.exchanges.enabled():
+        self.replay: ReplaySource | None = None
+        self.replayed = 0
+        self.replay_done = False
+        self.replay_span = (0, 0)
+        """Wall time the first and the latest frame were played (the achieved rate, for benchmarks)."""
+        self._fx_on = "upbit" in (c.replay or cfg.exchanges.enabled())
+        if c.replay:
+            self.replay = await ReplaySource.load(c.replay, cfg)
+            for instruments in self.replay.instruments.values():
+                await self.store_instruments(instruments)
+            self.background(self._play)
+        for name in [] if c.replay else cfg.exchanges.enabled():
             if name not in VENUES:
                 log.warning("no collector module for this exchange yet", extra={"exchange": name})
                 continue
@@ -89,8 +108,46 @@ class CollectorService(Service):
 
             self.background(poll_reference)
 
+    async def _play(self) -> None:
+        """Play the replay timeline: record i is due at ``start + (recv_i - recv_0) / speed`` (or
+        ``start + i / rate``) and carries that time (the rate mode: the time it is handled)."""
+        assert self.replay is not None
+        c = self.cfg.collector
+        source = self.replay
+        start = c.replay_start_ns or time.time_ns() + 1_000_000_000
+        rate_ns = 1e9 / c.replay_rate if c.replay_rate else 0.0
+        origin = source.origin_ns
+        log.info("replay starting", extra={"frames": len(source), "start_ns": start, "speed": c.replay_speed,
+                                           "rate": c.replay_rate})
+        due = start
+        for i, (recv_ns, _, _) in enumerate(source.timeline):
+            due = start + int(i * rate_ns) if rate_ns else start + int((recv_ns - origin) / c.replay_speed)
+            wait = due - time.time_ns()
+            if wait > 0:
+                while wait > 0:  # the loop's timer may wake a little early: never play a frame before it is due
+                    await asyncio.sleep(wait / 1e9)
+                    wait = due - time.time_ns()
+            elif i % 32 == 0:
+                await asyncio.sleep(0)  # behind schedule: still let the producer flush now and then
+            if i == 0:
+                self.emit(source.start(due))
+            now = time.time_ns()
+            outputs = source.feed(i, now if rate_ns else due)
+            self.replayed = i + 1
+            self.replay_span = (self.replay_span[0] or now, now)
+            if outputs:
+                self.emit(outputs)
+        # Nothing arrives after the recording: its books go stale as the silence rule has it.
+        end = due + c.stale_after_ms * 1_000_000
+        await asyncio.sleep(max(0.0, (end - time.time_ns()) / 1e9))
+        self.emit(source.finish(end))
+        self.replay_done = True
+        log.info("replay finished", extra={"frames": len(source)})
+        while await self.sleep(60):  # a background task that returns would stop the service
+            pass
+
     def emit(self, outputs: list[Message]) -> None:
-        fx = self.fx.on_outputs(outputs, time.time_ns()) if "upbit" in self.feeds else []
+        fx = self.fx.on_outputs(outputs, time.time_ns()) if self._fx_on else []
         self.publisher(outputs)
         if fx:
             self.publisher(fx)
@@ -116,6 +173,14 @@ class CollectorService(Service):
             health = feed.health()
             doc["books"].update({f"{name}:{symbol}": book for symbol, book in health.pop("books").items()})
             doc["feeds"][name] = health
+        if self.replay is not None:
+            now = time.time_ns()
+            for name, core in self.replay.cores.items():
+                doc["books"].update({f"{name}:{symbol}": book for symbol, book in core.health(now).items()})
+            first, last = self.replay_span
+            doc["replay"] = {"frames": len(self.replay), "played": self.replayed, "done": self.replay_done,
+                             "frames_per_s": round((self.replayed - 1) / ((last - first) / 1e9), 1)
+                             if last > first else None}
         doc["books_stale"] = sum(1 for b in doc["books"].values() if b["status"] != "synced")
         if self.ticks is not None:
             doc["clickhouse"] = self.ticks.health()

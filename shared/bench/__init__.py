@@ -16,6 +16,8 @@ BENCHES: dict[str, str] = {
     "risk": "services.risk.bench:main",
     "executor": "services.executor.bench:main",
     "rebalancer": "services.rebalancer.bench:main",
+    "backtest": "backtest.bench:main",
+    "pipeline": "backtest.pipeline:main",
 }
 
 
