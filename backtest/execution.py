@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Protocol
+from typing import Literal, Protocol, cast
 
 from services.executor.execution import correction_id
 from services.executor.fills import FillSimulator, InMemoryBalances, SimulatedFill, fill_deltas
@@ -82,7 +82,7 @@ class OrderRecord:
             status=self.status, quantity=leg.quantity, filled_quantity=self.filled,
             average_price=notional / self.filled if self.filled else None,
             fee=sum((f.fee for f in self.fills), ZERO), fee_asset=max((f.fee_asset for f in self.fills), default=""),
-            role=self.order.role)
+            role=cast(Literal["entry", "hedge", "unwind"], self.order.role))  # arbitrage legs never transfer
 
 
 @dataclass
