@@ -173,8 +173,10 @@ class TradingSettings(_Section, frozen=True):
     reference_currency: Annotated[str, Meta(pattern=r"^[A-Z0-9]{2,10}$")] = "USDT"
     min_profit_threshold: Annotated[float, Meta(ge=0, lt=0.1)] = 0.0005
     """Minimum net edge (after both taker fees) of the marginal unit traded, as a fraction."""
-    max_notional: PosFloat = 1_000.0
-    """Largest size of one arbitrage, in the reference currency."""
+    max_notional: PosFloat = 950.0
+    """Largest size of one arbitrage (its buy cost), in the reference currency. Risk checks the
+    larger leg at its limit price against ``risk.max_notional_per_trade``; the sell leg is worth
+    more than the buy by the edge, so this stays a little below that limit."""
 
 
 class CollectorSettings(_Section, frozen=True):
@@ -262,7 +264,7 @@ class DetectorSettings(_Section, frozen=True):
     """A cycle starts (and books its profit) in the first of these it contains; cycles with none are skipped."""
     fx_pairs: tuple[UnifiedSymbol, ...] = ("USDT/KRW", "USDC/USDT", "USD/USDT", "USDC/KRW")
     """FX pairs read from their latest-value keys at start-up (later ones arrive on the ``fx`` stream)."""
-    instruments_refresh_s: PosFloat = 60.0
+    instruments_refresh_s: PosFloat = 5.0
     stat_pairs: tuple[StatPairSettings, ...] = ()
 
 
@@ -356,8 +358,13 @@ class RiskSettings(_Section, frozen=True):
 class ExecutorSettings(_Section, frozen=True):
     order_latency_ms: NonNegFloat = 50.0
     """Paper: an order meets the book as it is this long after it was sent."""
-    start_balances: dict[str, dict[str, float]] = {}
-    """Paper balances per exchange and asset, e.g. {binance = {USDT = 10000, BTC = 0.2}}."""
+    start_balances: dict[str, dict[str, float]] = msgspec.field(default_factory=lambda: {
+        "binance": {"USDT": 10_000.0, "BTC": 0.2, "ETH": 3.0},
+        "upbit": {"KRW": 14_000_000.0, "BTC": 0.2, "ETH": 3.0, "USDT": 1_000.0},
+        "okx": {"USDT": 10_000.0, "BTC": 0.2, "ETH": 3.0},
+        "bybit": {"USDT": 10_000.0, "BTC": 0.2, "ETH": 3.0},
+    })
+    """Paper balances per exchange and asset (a file's table replaces this whole default)."""
     max_book_age_ms: PosInt = 5_000
     """Paper: a book older than this when the order arrives counts as no book (nothing fills)."""
     leg_risk_policy: Literal["hedge", "unwind"] = "hedge"
@@ -644,10 +651,17 @@ def _env_value(raw: str) -> Any:
     return raw
 
 
-def _deep_merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: dict[str, Any], over: Mapping[str, Any], tp: Any = None) -> dict[str, Any]:
+    """Merge ``over`` into ``base``: settings tables merge field by field; a value whose type
+    is a mapping (start balances, per-asset caps) is replaced whole, as written."""
+    hints = typing.get_type_hints(tp) if isinstance(tp, type) and issubclass(tp, Struct) else {}
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_merge(base[key], value)
+        field = hints.get(key)
+        while typing.get_origin(field) is Annotated:
+            field = typing.get_args(field)[0]
+        nested = isinstance(field, type) and issubclass(field, Struct)
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and (nested or tp is None):
+            _deep_merge(base[key], value, field if nested else None)
         else:
             base[key] = value
     return base
@@ -747,10 +761,11 @@ def validate(cfg: Config, secrets: Secrets | None = None) -> None:
             raise ConfigError(f"collector.replay.{name}", f"needs exchanges.{name}.enabled = true", show_value=False)
     if not cfg.exchanges.enabled() and "collector" in cfg.services.enabled:
         raise ConfigError("exchanges", "must enable at least one exchange when the collector runs", show_value=False)
-    if cfg.trading.max_notional > cfg.risk.max_notional_per_trade * 100:
+    if cfg.trading.max_notional > cfg.risk.max_notional_per_trade:
         raise ConfigError(
             "trading.max_notional",
-            f"must not exceed 100x risk.max_notional_per_trade ({cfg.risk.max_notional_per_trade})",
+            f"must not exceed risk.max_notional_per_trade ({cfg.risk.max_notional_per_trade}): "
+            "larger signals would all be rejected",
             cfg.trading.max_notional,
         )
     _validate_risk(cfg)
@@ -939,7 +954,7 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(str(file), f"is not valid TOML ({exc})", show_value=False) from None
         _reject_secrets(data)
-        _deep_merge(raw, data)
+        _deep_merge(raw, data, Config)
     for name, dest in _ENV_ALIASES.items():
         if environ.get(name):
             _set_path(raw, dest, environ[name])
@@ -950,7 +965,7 @@ def load_config(
                 raise ConfigError(".".join(dest), "is a secret: name it like BINANCE_API_KEY instead", show_value=False)
             _set_path(raw, dest, _env_value(value))
     if overrides:
-        _deep_merge(raw, dict(overrides))
+        _deep_merge(raw, dict(overrides), Config)
 
     try:
         cfg = msgspec.convert(raw, Config, strict=False)

@@ -69,7 +69,9 @@ def risk_config(env: dict[str, str] | None = None, **risk: Any) -> Config:
         else:
             merged[key] = value
     environ = env if env is not None else {"ARB_ENV": "development", "ARB_SESSION": "risktest"}
-    return load_config(environ=environ, overrides={"risk": merged})
+    # The detector's sizing limit may not exceed risk's (a config rule); these tests feed signals by hand.
+    trading = {"max_notional": min(950.0, merged["max_notional_per_trade"])}
+    return load_config(environ=environ, overrides={"risk": merged, "trading": trading})
 
 
 def risk_env(service_env: dict[str, str], **risk: Any) -> dict[str, str]:
@@ -81,6 +83,7 @@ def risk_env(service_env: dict[str, str], **risk: Any) -> dict[str, str]:
         else:
             merged[key] = value
     env = dict(service_env)
+    env["ARB_TRADING__MAX_NOTIONAL"] = str(min(950.0, merged["max_notional_per_trade"]))
     for key, value in merged.items():
         name = f"ARB_RISK__{key.upper()}"
         env[name] = json.dumps(value) if isinstance(value, dict | bool) or value is None else str(value)

@@ -120,3 +120,16 @@ def test_the_example_configuration_is_valid() -> None:
     cfg = load_config(Path(__file__).resolve().parent.parent / "config" / "example.toml", environ={})
     assert cfg.exchanges.enabled() == ["binance", "upbit"]
     assert cfg.executor.start_balances["upbit"]["KRW"] == 14_000_000
+
+
+def test_a_file_replaces_a_mapping_setting_whole_but_merges_settings_tables(tmp_path: Path) -> None:
+    file = tmp_path / "arb.toml"
+    file.write_text('[executor.start_balances]\nbinance = { USDT = 500 }\n[exchanges.okx]\nenabled = false\n')
+    cfg = load_config(file, environ={})
+    assert cfg.executor.start_balances == {"binance": {"USDT": 500.0}}  # no default venue or asset left over
+    assert cfg.exchanges.okx.symbols == ("BTC/USDT", "ETH/USDT")  # the table's other settings kept
+
+
+def test_signals_larger_than_risk_accepts_are_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match=r"must not exceed risk\.max_notional_per_trade"):
+        load_config(environ={"ARB_TRADING__MAX_NOTIONAL": "1500"})

@@ -31,6 +31,7 @@ S = 1_000_000_000
 def config(env: dict[str, str], **detector: Any) -> Config:
     return load_config(environ=env, overrides={
         "redis": {"block_ms": 100, "claim_interval_ms": 500},
+        "trading": {"max_notional": 1000.0},
         "detector": {"strategies": ["spatial"], "lease_ttl_ms": 1200, "cooldown_ms": 0, **detector},
         "exchanges": {
             "binance": {"enabled": True, "symbols": ["BTC/USDT", "ETH/USDT"]},

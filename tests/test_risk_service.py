@@ -85,7 +85,7 @@ async def test_a_valid_reload_applies_new_limits_and_an_invalid_one_is_refused(
 
     def write(max_notional: str) -> None:
         toml.write_text(f"[risk]\nmax_notional_per_trade = {max_notional}\nmax_open_arbitrages = 100\n"
-                        "max_signal_age_ms = 60000\nverdict_retention_s = 600\n")
+                        "max_signal_age_ms = 60000\nverdict_retention_s = 600\n[trading]\nmax_notional = 400.0\n")
 
     write("1000.0")
     service = RiskService(load_config(toml), instance="risk-reload", config_path=str(toml))
