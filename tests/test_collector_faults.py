@@ -105,6 +105,16 @@ async def test_a_bybit_gap_in_u_triggers_a_resubscription_and_a_fresh_snapshot()
     _final_book_equals_reference(run.outputs, reference, "XRPUSDT")
 
 
+async def test_a_garbled_frame_is_counted_malformed_and_the_book_stays_right() -> None:
+    trades = _depth_indices("binance", BINANCE, b"@trade")
+    run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(garble={trades[10]}),
+                                      options=VenueOptions(bbo=False))
+    assert run.core.malformed == run.core.stats["malformed:decode"] == 1
+    assert not [s for s in _statuses(run.outputs)[1:] if s[0] == "stale" and s[1] != "disconnected"]
+    reference = reference_books("binance", records(BINANCE))
+    _final_book_equals_reference(run.outputs, reference, "BTCUSDT")
+
+
 async def test_a_stalled_exchange_turns_books_stale_and_they_recover_when_it_resumes() -> None:
     depth = _depth_indices("binance", BINANCE, b"depthUpdate")
     run = await run_against_simulator("binance", BINANCE, natives=["BTCUSDT"], faults=Faults(stall={depth[300]: 0.6}),

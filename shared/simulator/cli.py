@@ -1,7 +1,7 @@
 """`arb simulator`: serve recorded exchange traffic on 127.0.0.1 until Ctrl-C.
 
     arb simulator binance=capture.gz okx=ws.txt,instruments.txt [--speed 1] [--port 0]
-                  [--drop K] [--close-at K] [--corrupt-checksum K] [--stall K:SECONDS]
+                  [--drop K] [--close-at K] [--corrupt-checksum K] [--garble K] [--stall K:SECONDS]
 
 Each ``exchange=file[,file...]`` gets its own port; the command prints one JSON line per
 exchange with its ``ws_url`` and ``rest_url``, ready for the collector's
@@ -38,10 +38,11 @@ def cmd_simulator(argv: list[str]) -> int:
     parser.add_argument("--drop", type=int, action="append", default=[])
     parser.add_argument("--close-at", type=int, action="append", default=[])
     parser.add_argument("--corrupt-checksum", type=int, action="append", default=[])
+    parser.add_argument("--garble", type=int, action="append", default=[], help="send frame K cut in half")
     parser.add_argument("--stall", type=_stall, action="append", default=[], metavar="K:SECONDS")
     args = parser.parse_args(argv)
     faults = Faults(drop=set(args.drop), close_at=set(args.close_at), corrupt_checksum=set(args.corrupt_checksum),
-                    stall=dict(args.stall))
+                    garble=set(args.garble), stall=dict(args.stall))
     plan: list[tuple[str, list[str]]] = []
     for spec in args.serve:
         exchange, sep, files = spec.partition("=")

@@ -11,8 +11,9 @@ read, or at the recorded pace (``speed``).
 Faults are keyed by the frame's index in the timeline (0-based, received frames only):
 ``drop`` (the frame is never sent, but the exchange's state moves on: a gap),
 ``close_at`` (the connections that got the frame are closed right after it),
-``corrupt_checksum`` (the frame is sent with a wrong checksum) and ``stall`` (the pump
-sleeps after the frame, as a frozen exchange would).
+``corrupt_checksum`` (the frame is sent with a wrong checksum), ``garble`` (the frame is
+sent cut in half, so it no longer parses, while the exchange's state moves on: a corrupted
+message) and ``stall`` (the pump sleeps after the frame, as a frozen exchange would).
 
 Extra REST routes (e.g. signed order endpoints) plug in through ``extra_routes`` or
 ``app`` before ``start()``.
@@ -46,6 +47,7 @@ class Faults:
     drop: set[int] = field(default_factory=set)
     close_at: set[int] = field(default_factory=set)
     corrupt_checksum: set[int] = field(default_factory=set)
+    garble: set[int] = field(default_factory=set)
     stall: dict[int, float] = field(default_factory=dict)
 
 
@@ -272,7 +274,10 @@ class Simulator:
             if i in faults.corrupt_checksum:
                 frame = self.venue.corrupt_checksum(frame)
             for conn in targets:
-                conn.send(self.venue.render(conn, frame), binary=self.venue.binary_frames)
+                out = self.venue.render(conn, frame)
+                if i in faults.garble:
+                    out = out[: len(out) // 2]
+                conn.send(out, binary=self.venue.binary_frames)
                 if i in faults.close_at:
                     conn.keys.clear()
                     conn.close()
