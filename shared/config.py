@@ -266,6 +266,9 @@ class DetectorSettings(_Section, frozen=True):
     """FX pairs read from their latest-value keys at start-up (later ones arrive on the ``fx`` stream)."""
     instruments_refresh_s: PosFloat = 5.0
     stat_pairs: tuple[StatPairSettings, ...] = ()
+    spread_history_ms: NonNegInt = 1_000
+    """Each spatial route's best top-of-book net edge of every such interval goes to the ``spreads``
+    stream (the collector stores it in ClickHouse ``spread_history``); 0 = not recorded."""
 
 
 PosFraction = Annotated[float, Meta(gt=0, lt=1)]

@@ -171,6 +171,28 @@ class Signal(Message, tag="signal", kw_only=True):
     meta: dict[str, Any] = {}
 
 
+class SpreadSample(Message, tag="spread", kw_only=True):
+    """The best top-of-book edge of one route (buy book, sell book) over one interval, for the
+    ``spread_history`` table: what the route offered, whether or not it crossed."""
+
+    asset: str
+    strategy: Strategy
+    buy_exchange: str
+    buy_symbol: str
+    sell_exchange: str
+    sell_symbol: str
+    ts_ns: int
+    """When the route showed this edge."""
+    gross_edge_bps: float
+    """Best bid valued as received over best ask valued as paid, minus one."""
+    net_edge_bps: float
+    """The same after both taker fees and the amortised transfer cost."""
+    fx_rate: float
+    """The FX rate that valued a leg in the reference currency (1.0 when none was needed)."""
+    notional: float
+    """Reference value of the quantity both best levels carry."""
+
+
 class RiskReservation(msgspec.Struct, kw_only=True, omit_defaults=True):
     """What risk reserved for an approved arbitrage, exactly as it reserved it.
 
@@ -404,6 +426,7 @@ AnyMessage: TypeAlias = (
     | Trade
     | FxRate
     | Signal
+    | SpreadSample
     | Decision
     | OrderIntent
     | OrderUpdate

@@ -27,6 +27,7 @@ EXECUTIONS = "executions"
 BALANCES = "balances"
 TRANSFERS = "transfers"
 ALERTS = "alerts"
+SPREADS = "spreads"
 DLQ_PREFIX = "dlq."
 
 
@@ -55,6 +56,7 @@ class Group:
     RECORDER = "recorder"
     AUDIT = "audit"
     ALERTER = "alerter"
+    CLICKHOUSE = "clickhouse"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,7 @@ _POLICIES: dict[str, StreamPolicy] = {
     BALANCES: StreamPolicy(maxlen=50_000),
     TRANSFERS: StreamPolicy(maxlen=None, keep_unacked=True),
     ALERTS: StreamPolicy(maxlen=50_000),
+    SPREADS: StreamPolicy(maxlen=100_000),  # bounded: ~14 h of both directions of one pair, should its writer stop
 }
 DLQ_POLICY = StreamPolicy(maxlen=100_000)
 
@@ -105,6 +108,7 @@ READERS: dict[str, tuple[str, ...]] = {
     BALANCES: (Group.RISK, Group.REBALANCER),
     TRANSFERS: (Group.EXECUTOR, Group.REBALANCER),
     ALERTS: (Group.ALERTER,),
+    SPREADS: (Group.CLICKHOUSE,),
 }
 
 # --------------------------------------------------------------------------- keys

@@ -1,6 +1,7 @@
-"""Ticks to ClickHouse: book snapshots and trades in column batches, written off the event loop.
+"""Ticks to ClickHouse: book snapshots and trades (and the detector's route edges, read from the
+``spreads`` stream) in column batches, written off the event loop.
 
-``add_book``/``add_trade`` append to in-memory columns (cheap, on the event loop). A batch
+``add_book``/``add_trade``/``add_spread`` append to in-memory columns (cheap, on the event loop). A batch
 leaves when it reaches ``batch_rows`` or every ``flush_interval_s``; the insert runs in a
 single worker thread so the WebSocket loop never waits on ClickHouse. If an insert fails
 (server down, chDB locked, ...), the batch is written to the spill directory instead and
@@ -30,15 +31,18 @@ import msgspec
 
 from services.collector import metrics
 from shared import clickhouse
-from shared.models import BookSnapshot, Trade
+from shared.models import BookSnapshot, SpreadSample, Trade
 
 log = logging.getLogger(__name__)
 
 BOOK_TABLE = "orderbook_snapshots"
 TRADE_TABLE = "tick_trades"
+SPREAD_TABLE = "spread_history"
 BOOK_COLUMNS = ("exchange", "symbol", "seq", "status", "ts_exchange", "ts_recv", "ts_pub",
                 "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")
 TRADE_COLUMNS = ("exchange", "symbol", "trade_id", "price", "size", "side", "ts_exchange", "ts_recv")
+SPREAD_COLUMNS = ("asset", "strategy", "buy_exchange", "buy_symbol", "sell_exchange", "sell_symbol", "ts",
+                  "gross_edge_bps", "net_edge_bps", "fx_rate", "notional")
 
 
 class Batch(msgspec.Struct):
@@ -119,9 +123,10 @@ class ClickHouseSink:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
         self._books: list[list[Any]] = [[] for _ in BOOK_COLUMNS]
         self._trades: list[list[Any]] = [[] for _ in TRADE_COLUMNS]
+        self._spreads: list[list[Any]] = [[] for _ in SPREAD_COLUMNS]
         self._full = asyncio.Event()
         self._flush_lock = asyncio.Lock()
-        self.written = {BOOK_TABLE: 0, TRADE_TABLE: 0}
+        self.written = {BOOK_TABLE: 0, TRADE_TABLE: 0, SPREAD_TABLE: 0}
         self.last_error = ""
 
     # ------------------------------------------------------------------ input (event loop)
@@ -155,9 +160,18 @@ class ClickHouseSink:
         if len(c[0]) >= self.batch_rows:
             self._full.set()
 
+    def add_spread(self, s: SpreadSample) -> None:
+        c = self._spreads
+        for column, value in zip(c, (s.asset, s.strategy, s.buy_exchange, s.buy_symbol, s.sell_exchange,
+                                     s.sell_symbol, s.ts_ns, s.gross_edge_bps, s.net_edge_bps, s.fx_rate,
+                                     s.notional), strict=True):
+            column.append(value)
+        if len(c[0]) >= self.batch_rows:
+            self._full.set()
+
     @property
     def pending_rows(self) -> int:
-        return len(self._books[0]) + len(self._trades[0])
+        return len(self._books[0]) + len(self._trades[0]) + len(self._spreads[0])
 
     # ------------------------------------------------------------------ writing
 
@@ -169,6 +183,7 @@ class ClickHouseSink:
             await self.flush()
 
     async def flush(self) -> None:
+        """Write what is pending; when it returns, every row added before is in ClickHouse or spilled."""
         async with self._flush_lock:
             self._full.clear()
             batches = []
@@ -178,6 +193,9 @@ class ClickHouseSink:
             if self._trades[0]:
                 batches.append(Batch(TRADE_TABLE, list(TRADE_COLUMNS), self._trades))
                 self._trades = [[] for _ in TRADE_COLUMNS]
+            if self._spreads[0]:
+                batches.append(Batch(SPREAD_TABLE, list(SPREAD_COLUMNS), self._spreads))
+                self._spreads = [[] for _ in SPREAD_COLUMNS]
             if batches or self.spill.rows:
                 await asyncio.get_running_loop().run_in_executor(self._executor, self._write, batches)
 

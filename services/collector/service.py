@@ -1,5 +1,7 @@
 """The collector service: one ``Feed`` per enabled exchange, publishing to the bus, ticks to
-ClickHouse, FX from the Upbit USDT book (and an optional reference).
+ClickHouse, FX from the Upbit USDT book (and an optional reference). With ClickHouse on it
+also stores the detector's route edges (``spreads`` stream, group ``clickhouse``) in
+``spread_history``.
 
 In replay mode (``collector.replay``: exchange -> capture files) the feeds are replaced by
 one ``ReplaySource`` paced on the wall clock: the same cores, instruments loaded from the
@@ -34,10 +36,10 @@ from services.collector.replay import ReplaySource
 from services.collector.rest import RestClient
 from services.collector.venue import Fees
 from shared.config import Config
-from shared.models import Instrument, Message
-from shared.runtime import retry_redis
+from shared.models import Instrument, Message, SpreadSample, decoder_for
+from shared.runtime import Delivery, retry_redis
 from shared.service import Service
-from shared.streams import Domain
+from shared.streams import SPREADS, Domain, Group
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,10 @@ class CollectorService(Service):
                 spill_max_bytes=cfg.clickhouse.spill_max_bytes,
             )
             self.background(self.ticks.run)
+            # The detector's route edges reach ClickHouse through the process that owns it (chDB
+            # admits one); acknowledged once flushed, so a crash before the insert loses none.
+            self.consumer(Group.CLICKHOUSE, [SPREADS], self.on_spread, decoder=decoder_for(SpreadSample).decode,
+                          before_ack=self.ticks.flush)
         self.publisher = Publisher(
             self.producer, self.bus.keys,
             book_ttl_ms=c.latest_book_ttl_ms or Domain.BOOK.ttl_s * 1000,
@@ -145,6 +151,10 @@ class CollectorService(Service):
         log.info("replay finished", extra={"frames": len(source)})
         while await self.sleep(60):  # a background task that returns would stop the service
             pass
+
+    async def on_spread(self, delivery: Delivery) -> None:
+        assert self.ticks is not None
+        self.ticks.add_spread(delivery.message)
 
     def emit(self, outputs: list[Message]) -> None:
         fx = self.fx.on_outputs(outputs, time.time_ns()) if self._fx_on else []

@@ -33,11 +33,12 @@ import redis.exceptions as rexc
 from services.detector import metrics
 from services.detector.common import DetectorCore, InvalidInput
 from services.detector.cores import base_of, build_cores, configured_markets, market_streams
-from services.detector.spatial import SpatialDetector
+from services.detector.edges import EdgeHistory
+from services.detector.spatial import RouteEdge, SpatialDetector
 from shared.models import Balance, BookSnapshot, BookStatus, FxRate, Instrument, Signal, TopOfBook, Trade, decoder_for
 from shared.runtime import FIELD, Consumer, Delivery, LeaseKeeper, backoff_delay, is_redis_down
 from shared.service import Service
-from shared.streams import BALANCES, FX, MD_PREFIX, SIGNALS
+from shared.streams import BALANCES, FX, MD_PREFIX, SIGNALS, SPREADS
 
 if TYPE_CHECKING:
     from services.detector.statistical import StatisticalDetector
@@ -150,6 +151,9 @@ class StrategyRunner:
                 self._update_seconds.observe(time.perf_counter() - started)
             for signal in signals:
                 self.service.publish_signal(signal)
+            # Only the holder of the stream evaluates: each route is recorded by one replica.
+            if evaluate and msg.status == "synced" and isinstance(self.core, SpatialDetector):
+                self.service.record_edges(self.core.route_edges(base_of(msg.symbol), now), now)
         elif isinstance(msg, BookStatus):
             self.core.on_status(msg, now)
         # TopOfBook and Trade are not used: sizing needs the depth only the L2 book carries.
@@ -220,6 +224,10 @@ class DetectorService(Service):
             self.background(self._follow_balances)
         self.background(self._refresh_instruments)
         self.background(self._premium_gauges)
+        interval_ms = self.cfg.detector.spread_history_ms
+        self.edges = EdgeHistory("spatial", interval_ms * 1_000_000) if interval_ms else None
+        if self.edges is not None and "spatial" in self.cores:
+            self.background(self._edges_due)
         log.info("detector ready", extra={"strategies": list(self.cores),
                                           "streams": {r.strategy: r.streams for r in self.runners}})
 
@@ -239,6 +247,17 @@ class DetectorService(Service):
         metrics.SIGNAL_EDGE.labels(signal.strategy, signal.asset).set(signal.net_edge_bps)
         if signal.ts_origin_ns:
             metrics.TICK_TO_SIGNAL.labels(signal.strategy).observe(max(0, time.time_ns() - signal.ts_origin_ns) / 1e9)
+
+    def record_edges(self, edges: list[RouteEdge], now_ns: int) -> None:
+        if self.edges is not None:
+            self.producer.publish_many(SPREADS, self.edges.observe(edges, now_ns))
+
+    async def _edges_due(self) -> None:
+        """Samples of routes whose books went quiet leave when their interval is over."""
+        assert self.edges is not None
+        interval_s = self.edges.interval_ns / 1e9
+        while await self.sleep(interval_s):
+            self.producer.publish_many(SPREADS, self.edges.due(time.time_ns()))
 
     def complain(self, kind: str, reason: str, detail: str = "") -> None:
         self._complain(kind, reason, detail)

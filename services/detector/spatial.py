@@ -104,6 +104,28 @@ class SpatialOpportunity:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteEdge:
+    """What one route (buy book, sell book) offers at the top of its books now, profitable or not:
+    the marginal edge of the first unit, valued as the signals value it."""
+
+    asset: str
+    buy_exchange: str
+    buy_symbol: str
+    sell_exchange: str
+    sell_symbol: str
+    gross_edge_bps: float
+    net_edge_bps: float
+    fx_rate: float
+    """The FX rate that valued a leg in the reference currency (1.0 when none was needed)."""
+    notional: float
+    """Reference value of the quantity both best levels carry, at the best ask."""
+
+    @property
+    def route(self) -> tuple[str, str, str, str, str]:
+        return (self.asset, self.buy_exchange, self.buy_symbol, self.sell_exchange, self.sell_symbol)
+
+
+@dataclass(frozen=True, slots=True)
 class _SizedPair:
     """One pair walked to its best continuous size, not yet rounded."""
 
@@ -211,6 +233,17 @@ class SpatialDetector:
 
     def _crossing(self, base: str, now_ns: int) -> list[tuple[_Live, _Live]]:
         """(buy, sell) pairs of fresh books whose best prices cross after fees and threshold."""
+        live = self._live(base, now_ns)
+        if len(live) < 2:
+            return []
+        best_bid = max(venue[4] for venue in live)
+        best_ask = min(venue[3] for venue in live)
+        if best_bid < best_ask:  # the usual case: no book's best bid clears another's best ask
+            return []
+        return [(buy, sell) for sell in live for buy in live if buy is not sell and sell[4] >= buy[3]]
+
+    def _live(self, base: str, now_ns: int) -> list[_Live]:
+        """The fresh books of ``base`` with a fresh FX route to the reference currency."""
         books = self.books.of_base(base)
         if len(books) < 2:
             return []
@@ -219,8 +252,6 @@ class SpatialDetector:
         version = self.fx.version
         derived = self._derived
         live: list[_Live] = []
-        best_bid = 0.0
-        best_ask = math.inf
         for key, book in books.items():
             if book.ts_recv_ns < oldest:
                 continue
@@ -231,13 +262,35 @@ class SpatialDetector:
             if conv is None or (conv.ts_ns and conv.ts_ns < fx_oldest):
                 continue
             live.append(venue)
-            if venue[4] > best_bid:
-                best_bid = venue[4]
-            if venue[3] < best_ask:
-                best_ask = venue[3]
-        if best_bid < best_ask:  # the usual case: no book's best bid clears another's best ask
-            return []
-        return [(buy, sell) for sell in live for buy in live if buy is not sell and sell[4] >= buy[3]]
+        return live
+
+    def route_edges(self, base: str, now_ns: int) -> list[RouteEdge]:
+        """Every (buy, sell) pair of fresh books of ``base`` with the edge of its first unit at the
+        best levels, valued as ``_size`` values it (the FX side that makes a payment dearer and
+        receipts cheaper, the mid when both books share their quote), whether or not it pays."""
+        live = self._live(base, now_ns)
+        out: list[RouteEdge] = []
+        for bbook, bfx, bfee, _, _, _ in live:
+            for sbook, sfx, sfee, _, _, _ in live:
+                if bbook is sbook:
+                    continue
+                assert bfx is not None and sfx is not None  # _live keeps routed books only
+                if bbook.symbol.partition("/")[2] == sbook.symbol.partition("/")[2]:
+                    pay = receive = bfx.mid
+                else:
+                    pay, receive = bfx.cost, sfx.proceeds
+                (ask, ask_size), (bid, bid_size) = bbook.asks[0], sbook.bids[0]
+                paid = ask * pay
+                ratio = bid * receive / paid
+                net = ratio * (1.0 - sfee) - (1.0 + bfee) - self.config.transfer_cost
+                rates = bfx.rates + sfx.rates
+                out.append(RouteEdge(
+                    asset=base, buy_exchange=bbook.exchange, buy_symbol=bbook.symbol,
+                    sell_exchange=sbook.exchange, sell_symbol=sbook.symbol,
+                    gross_edge_bps=(ratio - 1.0) * 10_000, net_edge_bps=net * 10_000,
+                    fx_rate=rates[0][1] if rates else 1.0, notional=min(ask_size, bid_size) * paid,
+                ))
+        return out
 
     def _derive(self, key: MarketKey, book: BookSnapshot) -> _Live:
         """What the evaluation needs of one book, cached until the book or the FX rates change."""
