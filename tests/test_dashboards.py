@@ -506,3 +506,13 @@ def test_every_panel_expression_returns_data(observed: Observed) -> None:
     empty = [str(t) for t in targets("prometheus") if not _has_data(observed.range_query(promql(t.query, "10s")))]
     report = f"{len(empty)} of {len(targets('prometheus'))} panel expressions return no data:\n" + "\n".join(empty)
     assert not empty, report
+
+
+@pytest.mark.slow
+def test_the_replay_fills_the_clickhouse_tables_the_sql_panels_read(observed: Observed) -> None:
+    """The market-data SQL panels read ClickHouse: books from the collector, route edges from the
+    detector through the collector (`spreads`), both written while the scenario traded."""
+    answer = observed.get("/api/v1/query", query="sum by (table) (arb_collector_clickhouse_rows_total)",
+                          time=observed.end)
+    rows = {r["metric"]["table"]: float(r["value"][1]) for r in answer["data"]["result"]}
+    assert rows.get("orderbook_snapshots", 0) > 1000 and rows.get("spread_history", 0) > 10, rows
