@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from services.risk.reasons import TRIGGERS
 from shared.metrics import LATENCY_BUCKETS
 
 DECISIONS = Counter("arb_risk_decisions_total", "Verdicts on signals, by reason (approved or the guard)",
@@ -15,6 +16,8 @@ RESERVE_SECONDS = Histogram("arb_risk_reserve_seconds",
 INTERNAL_ERRORS = Counter("arb_risk_internal_errors_total", "Signals rejected because checking them failed")
 GUARD_TRIGGERS = Counter("arb_risk_guard_triggers_total",
                          "Guard state changes (kill switch, circuit breaker, daily loss, drawdown)", ["guard"])
+for _guard in TRIGGERS:  # a series per guard from the start: a dashboard shows 0, not "no data"
+    GUARD_TRIGGERS.labels(_guard)
 SETTLEMENTS = Counter("arb_risk_settlements_total", "Executions applied to the risk state", ["status"])
 EXPIRED = Counter("arb_risk_reservations_expired_total", "Reservations released because no execution came")
 SNAPSHOTS = Counter("arb_risk_snapshots_total", "Risk state snapshots to PostgreSQL", ["result"])
