@@ -255,12 +255,16 @@ class IntentHandler:
         fresh: set[str] = set()
         new = [o for o in orders if o.client_order_id not in rows]
         if new:
-            async with conn.transaction():  # one commit for the group: a replay sees all or none
-                for o in new:
-                    rows[o.client_order_id] = await ledger.insert_order(
-                        conn, session=self.session, mode=self.mode, arb_id=intent.arb_id,
-                        signal_id=intent.signal_id, order=o, not_after_ns=now + self.grace_ns, ts_ns=now)
-                    fresh.add(o.client_order_id)
+            # One statement, one commit for the group (a replay sees all or none), durable
+            # before anything is sent.
+            inserted = await ledger.insert_orders(
+                conn, session=self.session, mode=self.mode, arb_id=intent.arb_id, signal_id=intent.signal_id,
+                orders=new, not_after_ns=now + self.grace_ns, ts_ns=now)
+            rows.update(inserted)
+            fresh.update(inserted)
+            if len(inserted) < len(new):  # stored meanwhile (not under our lock): never sent as new
+                rows.update(await ledger.load_orders_by_id(
+                    conn, [o.client_order_id for o in new if o.client_order_id not in inserted]))
         pending = [await self._from_row(rows[o.client_order_id]) for o in orders
                    if rows[o.client_order_id].status not in TERMINAL]
         if pending:
