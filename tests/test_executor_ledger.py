@@ -139,3 +139,31 @@ async def test_concurrent_intents_keep_fills_and_paper_balances_exact(bus: Bus, 
     for exchange, assets in start.items():
         for asset, amount in assets.items():
             assert balances[(exchange, asset)] == amount + moved.get((exchange, asset), Decimal(0)), (exchange, asset)
+
+
+async def test_orders_are_stored_with_the_lock_only_when_it_is_granted_and_nothing_is_stored_yet(
+        pg_url: str, namespace: str) -> None:
+    new = ledger.NewOrders(namespace, "paper", "a2", "s2", _orders("a2")[:1], 2_000_000_000_000_000_000,
+                           1_900_000_000_000_000_000)
+    key = ledger.lock_key(namespace, "a2")
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as holder, \
+            await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as other:
+        await holder.execute("SELECT pg_advisory_lock(%s)", (key,))
+        busy = await ledger.lock_and_load(other, key, "a2", new)
+        assert not busy.locked and busy.inserted == {}  # another session holds it: nothing stored
+        await ledger.unlock(holder, key)
+
+        first = await ledger.lock_and_load(other, key, "a2", new)
+        assert first.locked and first.orders == {} and list(first.inserted) == ["a2b"]
+        with psycopg.connect(pg_url) as third:  # committed when the round trip returns
+            assert third.execute("SELECT status FROM orders WHERE arb_id = 'a2'").fetchall() == [("NEW",)]
+        await ledger.unlock(other, key)
+
+        later = ledger.NewOrders(namespace, "paper", "a2", "s2", _orders("a2"), 2_000_000_000_000_000_000,
+                                 1_950_000_000_000_000_000)
+        again = await ledger.lock_and_load(holder, key, "a2", later)
+        # Something of the arbitrage is stored: nothing new (not even its other leg) goes in here.
+        assert again.locked and list(again.orders) == ["a2b"] and again.inserted == {}
+        await ledger.unlock(holder, key)
+        with psycopg.connect(pg_url) as third:
+            assert third.execute("SELECT count(*) FROM order_events").fetchone() == (1,)

@@ -252,16 +252,43 @@ async def load_trade(conn: AsyncConnection, arb_id: str) -> dict[str, Any] | Non
     return _trade(await cur.fetchone())
 
 
-async def lock_and_load(conn: AsyncConnection, key: int, arb_id: str) -> tuple[bool, dict[str, Any] | None,
-                                                                                   dict[str, OrderRow]]:
-    """Take the arbitrage's lock and read its trade and orders, in one round trip."""
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """What ``lock_and_load`` found: whether the lock is ours, the trade and orders stored
+    before, and the orders it stored itself."""
+
+    locked: bool
+    trade: dict[str, Any] | None
+    orders: dict[str, OrderRow]
+    inserted: dict[str, OrderRow]
+
+
+# The outcome of this session's last try for an arbitrage's lock, for the statements after it
+# in the same pipeline (a session setting: each statement is its own transaction).
+_TRY_LOCK = "SELECT set_config('arb.executor_locked', pg_try_advisory_lock(%s)::text, false)"
+_LOCK_IS_OURS_AND_NOTHING_STORED = ("current_setting('arb.executor_locked') = 'true' "
+                                    "AND NOT EXISTS (SELECT 1 FROM trades WHERE arb_id = %s) "
+                                    "AND NOT EXISTS (SELECT 1 FROM orders WHERE arb_id = %s)")
+
+
+async def lock_and_load(conn: AsyncConnection, key: int, arb_id: str, new: NewOrders | None = None) -> Locked:
+    """Take the arbitrage's lock and read its trade and orders; with ``new``, also store those
+    orders if the lock is ours and nothing of the arbitrage is stored yet. One round trip.
+
+    The statements run in order, each in its own transaction, so the insert's snapshot is
+    taken after the lock was granted: it sees everything an earlier holder committed."""
     async with conn.pipeline():
-        locked = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        locked = await conn.execute(_TRY_LOCK, (key,))
         trade = await conn.execute(_SELECT_TRADE, (arb_id,))
         orders = await conn.execute(_SELECT_ORDERS, (arb_id,))
+        stored = None
+        if new is not None and new.orders:
+            sql, params = _store_orders(new, _LOCK_IS_OURS_AND_NOTHING_STORED, (arb_id, arb_id))
+            stored = await conn.execute(sql, params)
         got = await locked.fetchone()
-        return (bool(got and got[0]), _trade(await trade.fetchone()),
-                {r.client_order_id: r for r in map(_order_row, await orders.fetchall())})
+        return Locked(got is not None and got[0] == "true", _trade(await trade.fetchone()),
+                      {r.client_order_id: r for r in map(_order_row, await orders.fetchall())},
+                      {r.client_order_id: r for r in map(_order_row, await stored.fetchall())} if stored else {})
 
 
 async def load_state(conn: AsyncConnection, arb_id: str) -> ArbState:
@@ -319,47 +346,68 @@ async def lock_balances(conn: AsyncConnection, session: str, mode: str,
 # --------------------------------------------------------------------------- writes
 
 
-async def insert_orders(conn: AsyncConnection, *, session: str, mode: str, arb_id: str, signal_id: str,
-                        orders: list[PreparedOrder], not_after_ns: int, ts_ns: int) -> dict[str, OrderRow]:
-    """Store orders (NEW, or straight to REJECTED when refused) before they are sent, with
-    their transitions, in one statement: one round trip, one atomic commit outside a
-    transaction. Returns the rows this call inserted; an order whose row already existed is
-    left as it is and is not among them (it must not be sent as new)."""
-    if not orders:
-        return {}
+@dataclass(frozen=True, slots=True)
+class NewOrders:
+    """Orders of one arbitrage to store (NEW, or straight to REJECTED when refused) before they are sent."""
+
+    session: str
+    mode: str
+    arb_id: str
+    signal_id: str
+    orders: list[PreparedOrder]
+    not_after_ns: int
+    ts_ns: int
+
+
+def _store_orders(new: NewOrders, guard: str = "TRUE", guard_params: tuple[Any, ...] = ()) -> tuple[str, list[Any]]:
+    """One statement storing ``new`` with its transitions where ``guard`` holds; it returns
+    the rows it inserted. Events go only with rows inserted here (the JOIN on the RETURNING
+    rows), so a replay adds none."""
     order_values: list[str] = []
     event_values: list[str] = []
     params: list[Any] = []
     events: list[Any] = []
-    created, not_after = to_ts(ts_ns), to_ts(not_after_ns)
-    for order in orders:
+    created, not_after = to_ts(new.ts_ns), to_ts(new.not_after_ns)
+    for order in new.orders:
         leg = order.leg
         machine = OrderStateMachine(leg.client_order_id, leg.quantity)
         transitions = [Transition(leg.client_order_id, "NEW", ZERO)]
         if order.rejection:
             transitions += machine.settle("REJECTED", ZERO, order.rejection)
-        order_values.append("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)")
-        params += [leg.client_order_id, session, arb_id, signal_id, leg.exchange, leg.symbol, leg.side,
+        order_values.append("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::numeric, %s::numeric, %s, %s, %s, "
+                            "%s::timestamptz, %s::timestamptz)")
+        params += [leg.client_order_id, new.session, new.arb_id, new.signal_id, leg.exchange, leg.symbol, leg.side,
                    leg.order_type, leg.time_in_force, order.role, leg.price, leg.quantity, machine.status,
-                   order.rejection, mode, not_after, created]
+                   order.rejection, new.mode, not_after, created]
         for t in transitions:
             event_values.append("(%s, %s, %s::numeric, %s, %s::timestamptz)")
             events += [t.client_order_id, t.status, t.filled_quantity, t.reason, created]
-    # Events only for the rows inserted here (the JOIN on the RETURNING rows): a replay adds none.
-    cur = await conn.execute(
-        f"""WITH o AS (
-                INSERT INTO orders (client_order_id, session, arb_id, signal_id, exchange, symbol, side, order_type,
-                                    time_in_force, role, price, quantity, status, reason, mode, not_after, created_at)
-                VALUES {", ".join(order_values)}
-                ON CONFLICT (client_order_id) DO NOTHING RETURNING {_ORDER_COLUMNS}
-            ), e AS (
-                INSERT INTO order_events (client_order_id, status, filled_quantity, reason, ts)
-                SELECT v.client_order_id, v.status, v.filled_quantity, v.reason, v.ts
-                FROM (VALUES {", ".join(event_values)}) AS v(client_order_id, status, filled_quantity, reason, ts)
-                JOIN o ON o.client_order_id = v.client_order_id
-                ON CONFLICT (client_order_id, status, filled_quantity) DO NOTHING
-            )
-            SELECT {_ORDER_COLUMNS} FROM o""", params + events)
+    columns = ("client_order_id, session, arb_id, signal_id, exchange, symbol, side, order_type, time_in_force, "
+               "role, price, quantity, status, reason, mode, not_after, created_at")
+    sql = f"""WITH o AS (
+            INSERT INTO orders ({columns})
+            SELECT * FROM (VALUES {", ".join(order_values)}) AS v({columns}) WHERE {guard}
+            ON CONFLICT (client_order_id) DO NOTHING RETURNING {_ORDER_COLUMNS}
+        ), e AS (
+            INSERT INTO order_events (client_order_id, status, filled_quantity, reason, ts)
+            SELECT v.client_order_id, v.status, v.filled_quantity, v.reason, v.ts
+            FROM (VALUES {", ".join(event_values)}) AS v(client_order_id, status, filled_quantity, reason, ts)
+            JOIN o ON o.client_order_id = v.client_order_id
+            ON CONFLICT (client_order_id, status, filled_quantity) DO NOTHING
+        )
+        SELECT {_ORDER_COLUMNS} FROM o"""
+    return sql, params + list(guard_params) + events
+
+
+async def insert_orders(conn: AsyncConnection, *, session: str, mode: str, arb_id: str, signal_id: str,
+                        orders: list[PreparedOrder], not_after_ns: int, ts_ns: int) -> dict[str, OrderRow]:
+    """Store orders with their transitions in one statement: one round trip, one atomic
+    commit outside a transaction. Returns the rows this call inserted; an order whose row
+    already existed is left as it is and is not among them (it must not be sent as new)."""
+    if not orders:
+        return {}
+    sql, params = _store_orders(NewOrders(session, mode, arb_id, signal_id, orders, not_after_ns, ts_ns))
+    cur = await conn.execute(sql, params)
     return {row.client_order_id: row for row in map(_order_row, await cur.fetchall())}
 
 
