@@ -263,8 +263,8 @@ class Locked:
     inserted: dict[str, OrderRow]
 
 
-# The outcome of this session's last try for an arbitrage's lock, for the statements after it
-# in the same pipeline (a session setting: each statement is its own transaction).
+# The outcome of this session's try for the arbitrage's lock, for the statement after it in
+# the same round trip (a session setting, so it outlives the statement that set it).
 _TRY_LOCK = "SELECT set_config('arb.executor_locked', pg_try_advisory_lock(%s)::text, false)"
 _LOCK_IS_OURS_AND_NOTHING_STORED = ("current_setting('arb.executor_locked') = 'true' "
                                     "AND NOT EXISTS (SELECT 1 FROM trades WHERE arb_id = %s) "
@@ -275,20 +275,22 @@ async def lock_and_load(conn: AsyncConnection, key: int, arb_id: str, new: NewOr
     """Take the arbitrage's lock and read its trade and orders; with ``new``, also store those
     orders if the lock is ours and nothing of the arbitrage is stored yet. One round trip.
 
-    The statements run in order, each in its own transaction, so the insert's snapshot is
-    taken after the lock was granted: it sees everything an earlier holder committed."""
+    The statements run in order, each with its own snapshot (READ COMMITTED), so the insert
+    sees everything an earlier holder of the lock committed. They form one implicit
+    transaction that commits at the pipeline's Sync: the rows are durable once the pipeline
+    block has exited, which is before anything here is returned."""
+    stored = None
     async with conn.pipeline():
         locked = await conn.execute(_TRY_LOCK, (key,))
         trade = await conn.execute(_SELECT_TRADE, (arb_id,))
         orders = await conn.execute(_SELECT_ORDERS, (arb_id,))
-        stored = None
         if new is not None and new.orders:
             sql, params = _store_orders(new, _LOCK_IS_OURS_AND_NOTHING_STORED, (arb_id, arb_id))
             stored = await conn.execute(sql, params)
-        got = await locked.fetchone()
-        return Locked(got is not None and got[0] == "true", _trade(await trade.fetchone()),
-                      {r.client_order_id: r for r in map(_order_row, await orders.fetchall())},
-                      {r.client_order_id: r for r in map(_order_row, await stored.fetchall())} if stored else {})
+    got = await locked.fetchone()
+    return Locked(got is not None and got[0] == "true", _trade(await trade.fetchone()),
+                  {r.client_order_id: r for r in map(_order_row, await orders.fetchall())},
+                  {r.client_order_id: r for r in map(_order_row, await stored.fetchall())} if stored else {})
 
 
 async def load_state(conn: AsyncConnection, arb_id: str) -> ArbState:
