@@ -144,6 +144,40 @@ async def test_outputs_of_a_batch_are_stored_before_its_inputs_are_acked(bus: Bu
     assert (await bus.redis.xpending(bus.stream("signals"), "risk"))["pending"] == 0
 
 
+async def test_outputs_leave_as_they_are_published_not_after_the_rest_of_the_batch(bus: Bus, redis_url: str) -> None:
+    import redis
+
+    producer = Producer(bus)
+    for i in range(20):
+        producer.publish("md.TEST", alert(i))
+    await producer.flush()
+    out = Producer(bus)
+    out.publish("warmup", alert("w"))
+    await out.flush()  # its connection is open: a flush's first step puts the XADD on the wire
+    sync = redis.Redis.from_url(redis_url)
+    seen_during_batch: list[int] = []
+
+    def handle_sync(d: Delivery) -> None:
+        if d.message.alert_id == "0":
+            out.publish("signals", alert("s0"))  # a signal from the first book of the batch
+        if d.message.alert_id == "19":  # the last of the batch: never suspends, like a detector core
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not sync.xlen(bus.stream("signals")):
+                time.sleep(0.005)
+            seen_during_batch.append(sync.xlen(bus.stream("signals")))
+
+    async def handle(d: Delivery) -> None:
+        handle_sync(d)
+
+    c = Consumer(bus, group="spatial", streams=["md.TEST"], handler=handle, name="c1", producer=out, block_ms=50,
+                 batch_size=100)
+    try:
+        await run_until(c, lambda: c.handled == 20)
+    finally:
+        sync.close()
+    assert seen_during_batch == [1]
+
+
 async def test_failing_handler_moves_message_to_dlq_after_n_deliveries_and_goes_on(bus: Bus) -> None:
     producer = Producer(bus)
     producer.publish("orders", alert("poison"))

@@ -4,7 +4,8 @@ Guarantees:
 - groups are created idempotently (MKSTREAM), so start order does not matter;
 - an entry is acknowledged only after its handler returned and everything the handler
   published (and ``before_ack``, e.g. a database commit) is durable; outputs and acks
-  travel in one pipeline, outputs first;
+  travel in one pipeline, outputs first; outputs published before the end of a batch are
+  sent at once rather than held until the batch is handled;
 - an entry whose handler raises stays pending; it is retried when it has been idle for
   ``claim_idle_ms`` (XAUTOCLAIM, which also takes over entries of dead consumers) and moves
   to ``dlq.<stream>`` with its error once Redis has delivered it ``max_deliveries`` times;
@@ -287,7 +288,7 @@ class Consumer:
     async def _process(self, entries: list[_Entry]) -> None:
         acks: dict[str, list[bytes]] = {}
         dead: list[tuple[_Entry, str]] = []
-        for entry in entries:
+        for i, entry in enumerate(entries):
             message = self._admit(entry, acks, dead)
             if message is _SKIP:
                 continue
@@ -295,6 +296,11 @@ class Consumer:
             if ok is None:  # stopping while a dependency is down: leave the rest pending
                 break
             self._settle(entry, ok, acks, dead)
+            if self.producer is not None and self.producer.buffered and i + 1 < len(entries):
+                # Outputs (a detector's signal) leave now, not after the rest of the batch: a
+                # handler that never suspends would otherwise hold them back. Costs a round
+                # trip only for batches that publish something before their end.
+                await self._until_done(self.producer.flush)
         await self._commit(acks, dead)
 
     def _admit(self, entry: _Entry, acks: dict[str, list[bytes]], dead: list[tuple[_Entry, str]]) -> Any:
