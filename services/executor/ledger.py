@@ -71,6 +71,7 @@ class Database:
         self.size = size
         self._idle: list[AsyncConnection] = []
         self._slots = asyncio.Semaphore(size)
+        self._closing: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
@@ -107,7 +108,9 @@ class Database:
 
     def _give_back(self, conn: AsyncConnection) -> None:
         if conn.closed or conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
-            asyncio.get_running_loop().create_task(_close(conn))
+            task = asyncio.get_running_loop().create_task(_close(conn))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             return
         self._idle.append(conn)
 
@@ -115,6 +118,8 @@ class Database:
         idle, self._idle = self._idle, []
         for conn in idle:
             await _close(conn)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
 
 async def _close(conn: AsyncConnection | None) -> None:
