@@ -406,7 +406,6 @@ class Consumer:
             entries = await self._claim(count=free)
             if entries:
                 return entries
-        # Block no longer than until the next claim pass is due.
         return await self._read(">", block=self.block_ms, count=free)
 
     async def _refresh_in_hand(self, now: float) -> None:
