@@ -11,8 +11,9 @@ generator: it yields the simulated time it waits for (an order's arrival) and th
 resumes it once every market event up to then has been applied.
 
 What the service does that is not here: the database (exactly-once storage, advisory
-locks, crash recovery) and live venues. Intents are handled one at a time, as one executor
-replica does.
+locks, crash recovery) and live venues. Intents are handled one at a time; a replica handles
+up to ``executor.concurrency`` at once, which differs only when an intent arrives before the
+previous one has finished.
 """
 
 from __future__ import annotations

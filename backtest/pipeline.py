@@ -14,9 +14,9 @@ For each rate (default 1,000 and 5,000 market-data messages/s), in one run:
   the instant it is sent. The stage breakdown uses the messages' own timestamps: collector
   receive -> publish (``ts_pub_ns`` of the triggering book), -> detector signal
   (``Signal.ts_ns``), -> risk decision (``Decision.ts_ns``, before the reservation), ->
-  executor start (the orders' ``NEW`` time: reservation, ``orders`` hop, the arbitrage's lock),
-  -> order send (the order rows committed). The first 1.5 s of each run are left out (first
-  connections, caches).
+  executor start (the orders' ``NEW`` time: reservation, ``orders`` hop, the executor taking
+  the intent), -> order send (the arbitrage's lock and its order rows committed, one round
+  trip). The first 1.5 s of each run are left out (first connections, caches).
 - **bare**: the same number of Redis hops (3: collector -> detector -> risk -> executor) as
   four redis-py processes relaying each batch they read (XREADGROUP, then the XADDs to the
   next stream and the XACK in one pipelined round trip), the source stamping each message as

@@ -387,6 +387,10 @@ class ExecutorSettings(_Section, frozen=True):
     binance_weight_per_minute: PosInt = 6_000
     upbit_orders_per_second: PosInt = 8
     upbit_requests_per_second: PosInt = 30
+    concurrency: Annotated[int, Meta(ge=1, le=64)] = 8
+    """Intents handled at once by one replica (each with its own PostgreSQL connection), so
+    one arbitrage's database work or exchange round trips never hold up another's; intents of
+    one arbitrage are still handled one after another."""
     transfer_poll_interval_ms: PosInt = 10_000
     """Live transfers: how often withdrawals in progress are asked about."""
     transfer_timeout_s: PosInt = 4 * 3600

@@ -144,6 +144,40 @@ async def test_outputs_of_a_batch_are_stored_before_its_inputs_are_acked(bus: Bu
     assert (await bus.redis.xpending(bus.stream("signals"), "risk"))["pending"] == 0
 
 
+async def test_outputs_leave_as_they_are_published_not_after_the_rest_of_the_batch(bus: Bus, redis_url: str) -> None:
+    import redis
+
+    producer = Producer(bus)
+    for i in range(20):
+        producer.publish("md.TEST", alert(i))
+    await producer.flush()
+    out = Producer(bus)
+    out.publish("warmup", alert("w"))
+    await out.flush()  # its connection is open: a flush's first step puts the XADD on the wire
+    sync = redis.Redis.from_url(redis_url)
+    seen_during_batch: list[int] = []
+
+    def handle_sync(d: Delivery) -> None:
+        if d.message.alert_id == "0":
+            out.publish("signals", alert("s0"))  # a signal from the first book of the batch
+        if d.message.alert_id == "19":  # the last of the batch: never suspends, like a detector core
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline and not sync.xlen(bus.stream("signals")):
+                time.sleep(0.005)
+            seen_during_batch.append(sync.xlen(bus.stream("signals")))
+
+    async def handle(d: Delivery) -> None:
+        handle_sync(d)
+
+    c = Consumer(bus, group="spatial", streams=["md.TEST"], handler=handle, name="c1", producer=out, block_ms=50,
+                 batch_size=100)
+    try:
+        await run_until(c, lambda: c.handled == 20)
+    finally:
+        sync.close()
+    assert seen_during_batch == [1]
+
+
 async def test_failing_handler_moves_message_to_dlq_after_n_deliveries_and_goes_on(bus: Bus) -> None:
     producer = Producer(bus)
     producer.publish("orders", alert("poison"))
@@ -255,6 +289,136 @@ async def test_stop_finishes_the_batch_in_hand(bus: Bus) -> None:
     assert info["pending"] == 0
 
 
+# ----------------------------------------------------------------------------- consumer: concurrency
+
+
+async def test_concurrent_consumer_handles_and_acks_independent_entries_while_one_is_slow(bus: Bus) -> None:
+    producer = Producer(bus)
+    producer.publish("orders", alert("slow"))
+    for i in range(10):
+        producer.publish("orders", alert(i))
+    await producer.flush()
+    fast_acked = asyncio.Event()
+    handled: list[str] = []
+    key = bus.stream("orders")
+
+    async def handle(d: Delivery) -> None:
+        if d.message.alert_id == "slow":
+            # released only once the entries read after it are handled and acknowledged
+            await asyncio.wait_for(fast_acked.wait(), 10)
+        handled.append(d.message.alert_id)
+
+    async def watch() -> None:
+        while True:
+            pending = await bus.redis.xpending_range(key, "executor", "-", "+", 100)
+            if len(handled) == 10 and [p["message_id"] for p in pending] == [slow_id]:
+                fast_acked.set()
+                return
+            await asyncio.sleep(0.01)
+
+    slow_id = (await bus.redis.xrange(key, count=1))[0][0]
+    await ensure_group(bus, "orders", "executor")
+    c = Consumer(bus, group="executor", streams=["orders"], handler=handle, name="c1", block_ms=50, concurrency=4)
+    watcher = asyncio.create_task(watch())
+    await run_until(c, lambda: c.handled == 11)
+    await watcher
+    assert handled[-1] == "slow" and sorted(handled[:10], key=int) == [str(i) for i in range(10)]
+    assert (await bus.redis.xpending(key, "executor"))["pending"] == 0
+
+
+async def test_concurrent_consumer_handles_entries_of_one_key_in_read_order(bus: Bus) -> None:
+    producer = Producer(bus)
+    for i in range(24):
+        producer.publish("orders", alert(f"{'abc'[i % 3]}{i}"))
+    await producer.flush()
+    running: set[str] = set()
+    peak = 0
+    order: dict[str, list[int]] = {}
+
+    async def handle(d: Delivery) -> None:
+        nonlocal peak
+        k, n = d.message.alert_id[0], int(d.message.alert_id[1:])
+        assert k not in running, f"two entries of key {k} handled at once"
+        running.add(k)
+        peak = max(peak, len(running))
+        await asyncio.sleep(random.uniform(0.001, 0.02))  # later entries may be quicker
+        order.setdefault(k, []).append(n)
+        running.discard(k)
+
+    c = Consumer(bus, group="executor", streams=["orders"], handler=handle, name="c1", block_ms=50, concurrency=6,
+                 key=lambda m: m.alert_id[0])
+    await run_until(c, lambda: c.handled == 24)
+    assert peak == 3  # the keys ran side by side
+    assert all(ns == sorted(ns) and len(ns) == 8 for ns in order.values())
+
+
+async def test_concurrent_consumer_stores_outputs_before_acking_each_entry(bus: Bus) -> None:
+    producer = Producer(bus)
+    for i in range(60):
+        producer.publish("signals", alert(i))
+    await producer.flush()
+    out = Producer(bus)
+    key = bus.stream("signals")
+
+    async def handle(d: Delivery) -> None:
+        # still pending while it is handled, and its output goes out before its ack
+        pending = await bus.redis.xpending_range(key, "risk", d.entry_id, d.entry_id, 1)
+        assert len(pending) == 1
+        await asyncio.sleep(random.uniform(0, 0.01))
+        out.publish("orders", alert(f"o{d.message.alert_id}"))
+
+    c = Consumer(bus, group="risk", streams=["signals"], handler=handle, name="c1", producer=out, block_ms=50,
+                 concurrency=8)
+    await run_until(c, lambda: c.handled == 60)
+    assert await bus.redis.xlen(bus.stream("orders")) == 60
+    assert (await bus.redis.xpending(key, "risk"))["pending"] == 0
+
+
+async def test_concurrent_entry_retried_in_place_is_not_claimed_nor_counted_again(bus: Bus) -> None:
+    producer = Producer(bus)
+    producer.publish("orders", alert(1))
+    await producer.flush()
+    attempts: list[int] = []
+    started = time.monotonic()
+    key = bus.stream("orders")
+    counts: list[int] = []
+
+    async def handle(d: Delivery) -> None:
+        attempts.append(d.deliveries)
+        pending = await bus.redis.xpending_range(key, "executor", "-", "+", 10)
+        counts.extend(int(p["times_delivered"]) for p in pending)
+        if time.monotonic() - started < 1.5:  # far longer than the claim idle time
+            raise Retryable("database unreachable")
+
+    c = Consumer(bus, group="executor", streams=["orders"], handler=handle, name="c1", max_deliveries=2,
+                 claim_idle_ms=200, claim_interval_ms=50, block_ms=50, concurrency=4)
+    await run_until(c, lambda: c.handled == 1)
+    assert len(attempts) >= 3 and set(attempts) == {1}
+    assert set(counts) == {1}  # never claimed again while in hand
+    assert await bus.redis.xlen(bus.stream(dlq("orders"))) == 0
+
+
+async def test_concurrent_consumer_stop_finishes_what_is_in_hand_and_reads_no_more(bus: Bus) -> None:
+    producer = Producer(bus)
+    for i in range(100):
+        producer.publish("signals", alert(i))
+    await producer.flush()
+    c: Consumer
+    handled: list[str] = []
+
+    async def handle(d: Delivery) -> None:
+        await asyncio.sleep(0.01)
+        handled.append(d.message.alert_id)
+        if len(handled) == 10:
+            c.stop()
+
+    c = Consumer(bus, group="risk", streams=["signals"], handler=handle, name="c1", block_ms=50, concurrency=8)
+    await asyncio.wait_for(c.run(), 10)
+    assert 10 <= len(handled) < 10 + 8  # what was in hand, and nothing read after the stop
+    assert c.handled == len(handled)
+    assert (await bus.redis.xpending(bus.stream("signals"), "risk"))["pending"] == 0
+
+
 # ----------------------------------------------------------------------------- crash: SIGKILL
 
 
@@ -319,7 +483,8 @@ async def test_killed_consumers_lose_nothing_and_double_nothing(bus: Bus, redis_
 
 
 @pytest.mark.slow
-async def test_consumer_survives_a_redis_restart_without_redoing_or_losing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("concurrency", [1, 8])
+async def test_consumer_survives_a_redis_restart_without_redoing_or_losing(tmp_path: Path, concurrency: int) -> None:
     from shared.embedded import start_redis
 
     server = start_redis(tmp_path / "redis", appendfsync="always")
@@ -331,7 +496,8 @@ async def test_consumer_survives_a_redis_restart_without_redoing_or_losing(tmp_p
         counts[d.message.alert_id] = counts.get(d.message.alert_id, 0) + 1
         await asyncio.sleep(0.001)
 
-    consumer = Consumer(bus, group="g", streams=["work"], handler=handle, name="c1", batch_size=20, block_ms=50)
+    consumer = Consumer(bus, group="g", streams=["work"], handler=handle, name="c1", batch_size=20, block_ms=50,
+                        concurrency=concurrency)
     task = asyncio.create_task(consumer.run())
     try:
         writer = Producer(bus)

@@ -6,9 +6,10 @@ For each intent, under a PostgreSQL advisory lock on its ``arb_id`` (one replica
    fills, transitions and execution are published again (consumers key them by id);
 2. an intent received after ``expires_ns`` is recorded EXPIRED and nothing is sent;
 3. every leg's order row (NEW) is committed before the leg is sent; all legs go at once
-   (``asyncio.gather``). A leg whose row already exists is never sent again: live, it is
-   looked up by client order id; paper, a row still NEW means its simulation was never
-   stored, so it is simulated now;
+   (``asyncio.gather``). A fresh intent's rows are stored in the round trip that takes the
+   lock (only when the lock is granted and nothing of the arbitrage is stored yet). A leg
+   whose row already exists is never sent again: live, it is looked up by client order id;
+   paper, a row still NEW means its simulation was never stored, so it is simulated now;
 4. when the legs filled unevenly, the leg-risk policy plans bounded-slippage IOCs (hedge
    or unwind, then the fallback). Their client ids derive from the leg's id, the action
    and the round, and a round's rows are committed together before any is sent, so a
@@ -164,18 +165,24 @@ class IntentHandler:
     # ------------------------------------------------------------------ entry point
 
     async def handle(self, intent: OrderIntent) -> Outputs:
+        now = self.clock_ns()
+        expired = bool(intent.expires_ns) and now > intent.expires_ns
+        # A fresh intent's entry orders are stored in the same round trip as the lock is taken
+        # (if the lock is ours and nothing of the arbitrage is stored yet): ready to send after it.
+        entry = None if expired else [await self._prepare(leg, "entry") for leg in intent.legs]
+        new = None if entry is None else ledger.NewOrders(
+            self.session, self.mode, intent.arb_id, intent.signal_id, entry, now + self.grace_ns, now)
         async with self.db.connection() as conn:
             key = ledger.lock_key(self.session, intent.arb_id)
-            locked, trade, orders = await ledger.lock_and_load(conn, key, intent.arb_id)
-            if not locked:
+            found = await ledger.lock_and_load(conn, key, intent.arb_id, new)
+            if not found.locked:
                 raise ArbitrageBusy(f"arbitrage {intent.arb_id} is being executed by another replica")
             try:
-                if trade is None:
-                    now = self.clock_ns()
-                    if not orders and intent.expires_ns and now > intent.expires_ns:
-                        await self._expire(conn, intent, now)
+                if found.trade is None:
+                    if not found.orders and expired:
+                        await self._expire(conn, intent, self.clock_ns())
                     else:
-                        await self._execute(conn, intent, orders)
+                        await self._execute(conn, intent, found.orders, entry, found.inserted)
                 return await self._outputs(conn, intent)
             finally:
                 if not conn.broken and not conn.closed:
@@ -203,9 +210,12 @@ class IntentHandler:
             expected_profit=Decimal(repr(intent.expected_profit)), residuals=[], opened_ns=intent.ts_ns or now,
             closed_ns=now)
 
-    async def _execute(self, conn: AsyncConnection, intent: OrderIntent, rows: dict[str, ledger.OrderRow]) -> None:
-        entry = [await self._prepare(leg, "entry") for leg in intent.legs]
-        rows.update(await self._run(conn, intent, entry, rows))
+    async def _execute(self, conn: AsyncConnection, intent: OrderIntent, rows: dict[str, ledger.OrderRow],
+                       entry: list[PreparedOrder] | None, inserted: dict[str, ledger.OrderRow]) -> None:
+        if entry is None:
+            entry = [await self._prepare(leg, "entry") for leg in intent.legs]
+        rows.update(inserted)
+        rows.update(await self._run(conn, intent, entry, rows, set(inserted)))
         owners = self._correction_owners(intent)
         for round_no, action in enumerate(self.rounds, 1):
             existing = [r for r in rows.values() if r.client_order_id in owners
@@ -249,18 +259,23 @@ class IntentHandler:
         return PreparedOrder(leg, instrument, role)
 
     async def _run(self, conn: AsyncConnection, intent: OrderIntent, orders: list[PreparedOrder],
-                   rows: dict[str, ledger.OrderRow]) -> dict[str, ledger.OrderRow]:
-        """Store, send (or reconcile) and record ``orders``; their rows afterwards."""
+                   rows: dict[str, ledger.OrderRow], fresh: set[str] | None = None) -> dict[str, ledger.OrderRow]:
+        """Store, send (or reconcile) and record ``orders``; their rows afterwards. ``fresh``:
+        those among them whose rows the caller has just stored (never sent yet)."""
         now = self.clock_ns()
-        fresh: set[str] = set()
+        fresh = set(fresh or ())
         new = [o for o in orders if o.client_order_id not in rows]
         if new:
-            async with conn.transaction():  # one commit for the group: a replay sees all or none
-                for o in new:
-                    rows[o.client_order_id] = await ledger.insert_order(
-                        conn, session=self.session, mode=self.mode, arb_id=intent.arb_id,
-                        signal_id=intent.signal_id, order=o, not_after_ns=now + self.grace_ns, ts_ns=now)
-                    fresh.add(o.client_order_id)
+            # One statement, one commit for the group (a replay sees all or none), durable
+            # before anything is sent.
+            inserted = await ledger.insert_orders(
+                conn, session=self.session, mode=self.mode, arb_id=intent.arb_id, signal_id=intent.signal_id,
+                orders=new, not_after_ns=now + self.grace_ns, ts_ns=now)
+            rows.update(inserted)
+            fresh.update(inserted)
+            if len(inserted) < len(new):  # stored meanwhile (not under our lock): never sent as new
+                rows.update(await ledger.load_orders_by_id(
+                    conn, [o.client_order_id for o in new if o.client_order_id not in inserted]))
         pending = [await self._from_row(rows[o.client_order_id]) for o in orders
                    if rows[o.client_order_id].status not in TERMINAL]
         if pending:

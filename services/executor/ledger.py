@@ -14,6 +14,7 @@ consumer retries the same intent in place and acknowledges nothing meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -26,6 +27,7 @@ from typing import Any
 import msgspec
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from services.executor.fills import BalanceDelta, fill_deltas
@@ -52,36 +54,78 @@ def to_ns(ts: datetime) -> int:
 
 
 class Database:
-    """One connection, reopened after failures. Intents are handled one at a time per replica."""
+    """Up to ``size`` connections (one per intent in hand), each reopened after a failure.
+
+    A connection goes back to the pool only when its holder finished cleanly and it is idle
+    (no transaction open): after any error it is closed, so a session-level advisory lock
+    can never outlive its holder on a pooled connection.
+    """
 
     def __init__(self, url: str, *, on_connect: Callable[[AsyncConnection], Awaitable[None]] | None = None,
-                 connect_timeout_s: int = 2) -> None:
+                 connect_timeout_s: int = 2, size: int = 1) -> None:
+        if size < 1:
+            raise ValueError(f"a database pool holds at least one connection, not {size}")
         self.url = url
         self.on_connect = on_connect
         self.connect_timeout_s = connect_timeout_s
-        self._conn: AsyncConnection | None = None
+        self.size = size
+        self._idle: list[AsyncConnection] = []
+        self._slots = asyncio.Semaphore(size)
+        self._closing: set[asyncio.Task[None]] = set()  # held until done: the loop keeps only weak references
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
-        try:
-            if self._conn is None or self._conn.closed or self._conn.broken:
-                self._conn = await AsyncConnection.connect(self.url, autocommit=True,
-                                                           connect_timeout=self.connect_timeout_s)
-                if self.on_connect is not None:
-                    await self.on_connect(self._conn)
-            yield self._conn
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            await self._discard()
-            raise DatabaseUnavailable(f"postgresql unavailable: {type(exc).__name__}: {exc}") from exc
+        async with self._slots:
+            conn: AsyncConnection | None = None
+            try:
+                conn = await self._take()
+                yield conn
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                await _close(conn)
+                conn = None
+                raise DatabaseUnavailable(f"postgresql unavailable: {type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                await _close(conn)
+                conn = None
+                raise
+            finally:
+                if conn is not None:
+                    self._give_back(conn)
 
-    async def _discard(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # already broken: closing is best effort
-                await conn.close()
+    async def _take(self) -> AsyncConnection:
+        while self._idle:
+            conn = self._idle.pop()
+            if not (conn.closed or conn.broken):
+                return conn
+        conn = await AsyncConnection.connect(self.url, autocommit=True, connect_timeout=self.connect_timeout_s)
+        try:
+            if self.on_connect is not None:
+                await self.on_connect(conn)
+        except BaseException:
+            await _close(conn)
+            raise
+        return conn
+
+    def _give_back(self, conn: AsyncConnection) -> None:
+        if conn.closed or conn.broken or conn.info.transaction_status != TransactionStatus.IDLE:
+            task = asyncio.get_running_loop().create_task(_close(conn))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return
+        self._idle.append(conn)
 
     async def close(self) -> None:
-        await self._discard()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await _close(conn)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+async def _close(conn: AsyncConnection | None) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):  # possibly broken already: closing is best effort
+            await conn.close()
 
 
 # --------------------------------------------------------------------------- rows
@@ -193,6 +237,12 @@ async def load_orders(conn: AsyncConnection, arb_id: str) -> dict[str, OrderRow]
     return {row.client_order_id: row for row in map(_order_row, await cur.fetchall())}
 
 
+async def load_orders_by_id(conn: AsyncConnection, client_order_ids: list[str]) -> dict[str, OrderRow]:
+    cur = await conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_order_id = ANY(%s)",
+                             (client_order_ids,))
+    return {row.client_order_id: row for row in map(_order_row, await cur.fetchall())}
+
+
 async def load_fills(conn: AsyncConnection, arb_id: str) -> list[FillRow]:
     cur = await conn.execute(_SELECT_FILLS, (arb_id,))
     return [_fill_row(r) for r in await cur.fetchall()]
@@ -207,16 +257,45 @@ async def load_trade(conn: AsyncConnection, arb_id: str) -> dict[str, Any] | Non
     return _trade(await cur.fetchone())
 
 
-async def lock_and_load(conn: AsyncConnection, key: int, arb_id: str) -> tuple[bool, dict[str, Any] | None,
-                                                                                   dict[str, OrderRow]]:
-    """Take the arbitrage's lock and read its trade and orders, in one round trip."""
+@dataclass(frozen=True, slots=True)
+class Locked:
+    """What ``lock_and_load`` found: whether the lock is ours, the trade and orders stored
+    before, and the orders it stored itself."""
+
+    locked: bool
+    trade: dict[str, Any] | None
+    orders: dict[str, OrderRow]
+    inserted: dict[str, OrderRow]
+
+
+# The outcome of this session's try for the arbitrage's lock, for the statement after it in
+# the same round trip (a session setting, so it outlives the statement that set it).
+_TRY_LOCK = "SELECT set_config('arb.executor_locked', pg_try_advisory_lock(%s)::text, false)"
+_LOCK_IS_OURS_AND_NOTHING_STORED = ("current_setting('arb.executor_locked') = 'true' "
+                                    "AND NOT EXISTS (SELECT 1 FROM trades WHERE arb_id = %s) "
+                                    "AND NOT EXISTS (SELECT 1 FROM orders WHERE arb_id = %s)")
+
+
+async def lock_and_load(conn: AsyncConnection, key: int, arb_id: str, new: NewOrders | None = None) -> Locked:
+    """Take the arbitrage's lock and read its trade and orders; with ``new``, also store those
+    orders if the lock is ours and nothing of the arbitrage is stored yet. One round trip.
+
+    The statements run in order, each with its own snapshot (READ COMMITTED), so the insert
+    sees everything an earlier holder of the lock committed. They form one implicit
+    transaction that commits at the pipeline's Sync: the rows are durable once the pipeline
+    block has exited, which is before anything here is returned."""
+    stored = None
     async with conn.pipeline():
-        locked = await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))
+        locked = await conn.execute(_TRY_LOCK, (key,))
         trade = await conn.execute(_SELECT_TRADE, (arb_id,))
         orders = await conn.execute(_SELECT_ORDERS, (arb_id,))
-        got = await locked.fetchone()
-        return (bool(got and got[0]), _trade(await trade.fetchone()),
-                {r.client_order_id: r for r in map(_order_row, await orders.fetchall())})
+        if new is not None and new.orders:
+            sql, params = _store_orders(new, _LOCK_IS_OURS_AND_NOTHING_STORED, (arb_id, arb_id))
+            stored = await conn.execute(sql, params)
+    got = await locked.fetchone()
+    return Locked(got is not None and got[0] == "true", _trade(await trade.fetchone()),
+                  {r.client_order_id: r for r in map(_order_row, await orders.fetchall())},
+                  {r.client_order_id: r for r in map(_order_row, await stored.fetchall())} if stored else {})
 
 
 async def load_state(conn: AsyncConnection, arb_id: str) -> ArbState:
@@ -274,31 +353,79 @@ async def lock_balances(conn: AsyncConnection, session: str, mode: str,
 # --------------------------------------------------------------------------- writes
 
 
+@dataclass(frozen=True, slots=True)
+class NewOrders:
+    """Orders of one arbitrage to store (NEW, or straight to REJECTED when refused) before they are sent."""
+
+    session: str
+    mode: str
+    arb_id: str
+    signal_id: str
+    orders: list[PreparedOrder]
+    not_after_ns: int
+    ts_ns: int
+
+
+def _store_orders(new: NewOrders, guard: str = "TRUE", guard_params: tuple[Any, ...] = ()) -> tuple[str, list[Any]]:
+    """One statement storing ``new`` with its transitions where ``guard`` holds; it returns
+    the rows it inserted. Events go only with rows inserted here (the JOIN on the RETURNING
+    rows), so a replay adds none."""
+    order_values: list[str] = []
+    event_values: list[str] = []
+    params: list[Any] = []
+    events: list[Any] = []
+    created, not_after = to_ts(new.ts_ns), to_ts(new.not_after_ns)
+    for order in new.orders:
+        leg = order.leg
+        machine = OrderStateMachine(leg.client_order_id, leg.quantity)
+        transitions = [Transition(leg.client_order_id, "NEW", ZERO)]
+        if order.rejection:
+            transitions += machine.settle("REJECTED", ZERO, order.rejection)
+        order_values.append("(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::numeric, %s::numeric, %s, %s, %s, "
+                            "%s::timestamptz, %s::timestamptz)")
+        params += [leg.client_order_id, new.session, new.arb_id, new.signal_id, leg.exchange, leg.symbol, leg.side,
+                   leg.order_type, leg.time_in_force, order.role, leg.price, leg.quantity, machine.status,
+                   order.rejection, new.mode, not_after, created]
+        for t in transitions:
+            event_values.append("(%s, %s, %s::numeric, %s, %s::timestamptz)")
+            events += [t.client_order_id, t.status, t.filled_quantity, t.reason, created]
+    columns = ("client_order_id, session, arb_id, signal_id, exchange, symbol, side, order_type, time_in_force, "
+               "role, price, quantity, status, reason, mode, not_after, created_at")
+    sql = f"""WITH o AS (
+            INSERT INTO orders ({columns})
+            SELECT * FROM (VALUES {", ".join(order_values)}) AS v({columns}) WHERE {guard}
+            ON CONFLICT (client_order_id) DO NOTHING RETURNING {_ORDER_COLUMNS}
+        ), e AS (
+            INSERT INTO order_events (client_order_id, status, filled_quantity, reason, ts)
+            SELECT v.client_order_id, v.status, v.filled_quantity, v.reason, v.ts
+            FROM (VALUES {", ".join(event_values)}) AS v(client_order_id, status, filled_quantity, reason, ts)
+            JOIN o ON o.client_order_id = v.client_order_id
+            ON CONFLICT (client_order_id, status, filled_quantity) DO NOTHING
+        )
+        SELECT {_ORDER_COLUMNS} FROM o"""
+    return sql, params + list(guard_params) + events
+
+
+async def insert_orders(conn: AsyncConnection, *, session: str, mode: str, arb_id: str, signal_id: str,
+                        orders: list[PreparedOrder], not_after_ns: int, ts_ns: int) -> dict[str, OrderRow]:
+    """Store orders with their transitions in one statement: one round trip, one atomic
+    commit outside a transaction. Returns the rows this call inserted; an order whose row
+    already existed is left as it is and is not among them (it must not be sent as new)."""
+    if not orders:
+        return {}
+    sql, params = _store_orders(NewOrders(session, mode, arb_id, signal_id, orders, not_after_ns, ts_ns))
+    cur = await conn.execute(sql, params)
+    return {row.client_order_id: row for row in map(_order_row, await cur.fetchall())}
+
+
 async def insert_order(conn: AsyncConnection, *, session: str, mode: str, arb_id: str, signal_id: str,
                        order: PreparedOrder, not_after_ns: int, ts_ns: int) -> OrderRow:
-    """Store the order (NEW) before it is sent; a refused order goes straight to REJECTED."""
-    leg = order.leg
-    async with conn.transaction():
-        cur = await conn.execute(
-            f"""INSERT INTO orders (client_order_id, session, arb_id, signal_id, exchange, symbol, side, order_type,
-                                    time_in_force, role, price, quantity, status, mode, not_after, created_at)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'NEW', %s, %s, %s)
-                ON CONFLICT (client_order_id) DO NOTHING RETURNING {_ORDER_COLUMNS}""",
-            (leg.client_order_id, session, arb_id, signal_id, leg.exchange, leg.symbol, leg.side, leg.order_type,
-             leg.time_in_force, order.role, leg.price, leg.quantity, mode, to_ts(not_after_ns), to_ts(ts_ns)))
-        row = await cur.fetchone()
-        if row is not None:
-            events = [Transition(leg.client_order_id, "NEW", ZERO)]
-            if order.rejection:
-                events += await _set_status(conn, leg.client_order_id, leg.quantity, "REJECTED", order.rejection)
-            await _insert_events(conn, events, ts_ns)
-            if not order.rejection:
-                return _order_row(row)
-    cur = await conn.execute(f"SELECT {_ORDER_COLUMNS} FROM orders WHERE client_order_id = %s",
-                             (leg.client_order_id,))
-    row = await cur.fetchone()
-    assert row is not None
-    return _order_row(row)
+    """Store one order as ``insert_orders`` does; the stored row, whether inserted now or before."""
+    inserted = await insert_orders(conn, session=session, mode=mode, arb_id=arb_id, signal_id=signal_id,
+                                   orders=[order], not_after_ns=not_after_ns, ts_ns=ts_ns)
+    if order.client_order_id in inserted:
+        return inserted[order.client_order_id]
+    return (await load_orders_by_id(conn, [order.client_order_id]))[order.client_order_id]
 
 
 async def expire_order(conn: AsyncConnection, *, session: str, mode: str, arb_id: str, signal_id: str,
@@ -377,15 +504,6 @@ async def mark_unknown(conn: AsyncConnection, row: OrderRow, reason: str, ts_ns:
                            "WHERE client_order_id = %s", (reason, row.client_order_id))
         await _insert_events(conn, transitions, ts_ns)
         return transitions
-
-
-async def _set_status(conn: AsyncConnection, cid: str, quantity: Decimal, new: OrderStatus,
-                      reason: str) -> list[Transition]:
-    machine = OrderStateMachine(cid, quantity)
-    transitions = machine.settle(new, ZERO, reason)
-    await conn.execute("UPDATE orders SET status = %s, reason = %s, updated_at = now() WHERE client_order_id = %s",
-                       (machine.status, reason, cid))
-    return transitions
 
 
 async def _insert_events(conn: AsyncConnection, transitions: list[Transition], ts_ns: int) -> None:

@@ -8,9 +8,10 @@ It also reads ``transfers`` and, in live mode, carries out approved live transfe
 own PostgreSQL connection: a transfer's first step is sent inside a transaction, which
 must not take in an intent's statements.
 
-Replicas share the ``executor`` group. An intent is acknowledged only after its rows are in
-PostgreSQL and its outputs are in Redis; while PostgreSQL or an exchange is unreachable the
-intent is retried in place (``Retryable``) and /health reports ``degraded``.
+Replicas share the ``executor`` group. Each replica handles up to ``executor.concurrency``
+intents at once, each on its own PostgreSQL connection. An intent is acknowledged only after
+its rows are in PostgreSQL and its outputs are in Redis; while PostgreSQL or an exchange is
+unreachable the intent is retried in place (``Retryable``) and /health reports ``degraded``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from services.executor.venues.paper import PaperVenue
 from services.executor.venues.upbit import UpbitVenue
 from shared.config import Config, Secrets
 from shared.ledger import seed_balances
-from shared.models import Transfer, decoder_for
+from shared.models import OrderIntent, Transfer, decoder_for
 from shared.runtime import Bus, Delivery, Retryable, is_redis_down
 from shared.service import Service
 from shared.streams import ALERTS, BALANCES, EXECUTIONS, FILLS, ORDER_UPDATES, ORDERS, TRANSFERS, Domain, Group
@@ -76,13 +77,17 @@ def build_live_venues(cfg: Config, secrets: Secrets, bus: Bus | None = None) -> 
     return venues
 
 
+def _arbitrage(intent: OrderIntent) -> str:
+    return intent.arb_id
+
+
 class ExecutorService(Service):
     name = "executor"
 
     async def setup(self) -> None:
         cfg = self.cfg
         self.market = MarketData(self.bus, cfg)
-        self.db = Database(cfg.postgres.url, on_connect=self._on_connect)
+        self.db = Database(cfg.postgres.url, on_connect=self._on_connect, size=cfg.executor.concurrency)
         self.live: dict[str, HttpVenue] = {}
         paper: PaperVenue | None = None
         if cfg.trading.mode == "live":
@@ -93,9 +98,11 @@ class ExecutorService(Service):
                                       max_book_age_ns=cfg.executor.max_book_age_ms * 1_000_000)
             paper = PaperVenue(self.market, simulator)
         self.handler = IntentHandler(cfg, db=self.db, market=self.market, paper=paper, live=self.live)
-        # Small batches: an intent's acknowledgement waits for the rest of its batch.
+        # Independent arbitrages are handled side by side, each acknowledged once stored; the
+        # intents of one arbitrage (a redelivery) one after another.
         self.consumer(Group.EXECUTOR, [ORDERS], self._on_intent, decoder=decode_intent,
-                      batch_size=min(cfg.redis.batch_size, 16))
+                      batch_size=min(cfg.redis.batch_size, 16), concurrency=cfg.executor.concurrency,
+                      key=_arbitrage)
         self.transfer_db = Database(cfg.postgres.url)
         self.transfers = LiveTransferRunner(cfg, db=self.transfer_db, market=self.market, live=self.live,
                                             bus=self.bus)

@@ -4,7 +4,8 @@ Guarantees:
 - groups are created idempotently (MKSTREAM), so start order does not matter;
 - an entry is acknowledged only after its handler returned and everything the handler
   published (and ``before_ack``, e.g. a database commit) is durable; outputs and acks
-  travel in one pipeline, outputs first;
+  travel in one pipeline, outputs first; outputs published before the end of a batch are
+  sent at once rather than held until the batch is handled;
 - an entry whose handler raises stays pending; it is retried when it has been idle for
   ``claim_idle_ms`` (XAUTOCLAIM, which also takes over entries of dead consumers) and moves
   to ``dlq.<stream>`` with its error once Redis has delivered it ``max_deliveries`` times;
@@ -14,6 +15,16 @@ Guarantees:
 - when Redis goes away the loop backs off with jitter and resumes by itself, first
   re-reading its own pending entries;
 - ``stop()`` (SIGTERM/SIGINT in services) finishes the batch in hand, acks it, and returns.
+
+With ``concurrency`` > 1 up to that many entries are handled at once, so one slow entry
+(a database round trip, an exchange) does not hold up the independent ones read after it:
+the loop reads only as many entries as there are free slots, and each entry is
+acknowledged by itself as soon as it is handled and its outputs are stored (XACK order
+does not matter to Redis). Entries whose ``key`` is equal (e.g. one arbitrage) are still
+handled one after another, in the order they were read. An entry in hand is never handed
+out twice: re-reads of the pending list and claims skip it, and the claim pass first
+refreshes the idle time of entries in hand (XCLAIM JUSTID, which counts no delivery), so a
+handler retrying in place through a long outage does not look abandoned.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +66,9 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+_SKIP = object()
+"""``_admit``'s answer for an entry that is not handled (acknowledged or dead-lettered as it is)."""
 
 
 @dataclass(slots=True)
@@ -89,7 +103,11 @@ class Consumer:
         start_id: str = "0",
         prune_idle_consumers_ms: int = 3_600_000,
         service: str = "",
+        concurrency: int = 1,
+        key: Callable[[Any], Hashable] | None = None,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, not {concurrency}")
         self.bus = bus
         self.group = group
         self.name = name
@@ -116,6 +134,15 @@ class Consumer:
         self.handled = 0
         self._children: dict[str, tuple[Any, Any, Any]] = {}
         self.last_read_ns = 0
+        self.concurrency = concurrency
+        self.key = key
+        # concurrent mode: entries in hand (stream, id) -> when handed out (monotonic s)
+        self._in_hand: dict[tuple[str, bytes], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._tails: dict[Hashable, asyncio.Task[None]] = {}
+        self._freed = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._recover_from: dict[str, str] = {}
 
     # ------------------------------------------------------------------ membership
 
@@ -149,6 +176,9 @@ class Consumer:
         return self._stop.is_set()
 
     async def run(self) -> None:
+        if self.concurrency > 1:
+            await self._run_concurrent()
+            return
         while not self._stop.is_set():
             try:
                 await self.ensure_groups()
@@ -180,6 +210,7 @@ class Consumer:
         if self._outage == 1:
             log.warning("redis unreachable, backing off", extra={"group": self.group, "error": str(exc)})
         self._recover = True
+        self._recover_from = {}
         await self._sleep(backoff_delay(self._outage))
 
     async def _sleep(self, seconds: float) -> None:
@@ -200,12 +231,13 @@ class Consumer:
                 return entries
         return await self._read(">", block=self.block_ms)
 
-    async def _read(self, from_id: str, block: int | None) -> list[_Entry]:
+    async def _read(self, from_id: str | dict[str, str], block: int | None, count: int | None = None) -> list[_Entry]:
+        ids = from_id if isinstance(from_id, dict) else dict.fromkeys(self._streams, from_id)
         reply: Any = await self.bus.redis.xreadgroup(
             self.group,
             self.name,
-            {self.bus.stream(s): from_id for s in self._streams},
-            count=self.batch_size,
+            {self.bus.stream(s): i for s, i in ids.items()},
+            count=count or self.batch_size,
             block=block,
         )
         self.last_read_ns = time.time_ns()
@@ -216,14 +248,16 @@ class Consumer:
                 out.append(_Entry(stream, entry_id, fields or None, 1))
         return out
 
-    async def _claim(self) -> list[_Entry]:
+    async def _claim(self, count: int | None = None) -> list[_Entry]:
         out: list[_Entry] = []
         for stream in list(self._streams):
             reply: Any = await self.bus.redis.xautoclaim(
-                self.bus.stream(stream), self.group, self.name, self.claim_idle_ms, "0-0", count=self.batch_size
+                self.bus.stream(stream), self.group, self.name, self.claim_idle_ms, "0-0",
+                count=count or self.batch_size,
             )
             items = reply[1] if reply else []
-            claimed = [_Entry(stream, eid, fields or None, 1) for eid, fields in items]
+            claimed = [_Entry(stream, eid, fields or None, 1) for eid, fields in items
+                       if (stream, eid) not in self._in_hand]
             if claimed:
                 metrics.CLAIMED.labels(stream, self.group).inc(len(claimed))
                 out.extend(claimed)
@@ -254,35 +288,175 @@ class Consumer:
     async def _process(self, entries: list[_Entry]) -> None:
         acks: dict[str, list[bytes]] = {}
         dead: list[tuple[_Entry, str]] = []
-        for entry in entries:
-            if entry.fields is None:  # trimmed or deleted while pending: nothing left to do
-                acks.setdefault(entry.stream, []).append(entry.entry_id)
+        for i, entry in enumerate(entries):
+            message = self._admit(entry, acks, dead)
+            if message is _SKIP:
                 continue
-            raw = entry.fields.get(FIELD, b"")
-            try:
-                message = self.decoder(raw)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError) as exc:
-                dead.append((entry, f"decode: {exc}"))
-                continue
-            if entry.deliveries > self.max_deliveries:
-                dead.append((entry, self._errors.pop(entry.entry_id, f"delivered {entry.deliveries} times")))
-                continue
-            counted, hop, handle_time = self._metrics(entry.stream)
-            counted.inc()
-            published = getattr(message, "ts_pub_ns", 0) or getattr(message, "ts_ns", 0)
-            if published:
-                hop.observe(max(0, time.time_ns() - published) / 1e9)
-            started = time.perf_counter()
-            ok = await self._handle(Delivery(entry.stream, entry.entry_id, message, entry.deliveries))
-            handle_time.observe(time.perf_counter() - started)
+            ok = await self._handle_timed(entry, message)
             if ok is None:  # stopping while a dependency is down: leave the rest pending
                 break
-            if ok:
-                self._errors.pop(entry.entry_id, None)
-                acks.setdefault(entry.stream, []).append(entry.entry_id)
-                self.handled += 1
-            elif entry.deliveries >= self.max_deliveries:
-                dead.append((entry, self._errors.pop(entry.entry_id, "handler failed")))
+            self._settle(entry, ok, acks, dead)
+            if self.producer is not None and self.producer.buffered and i + 1 < len(entries):
+                # Outputs (a detector's signal) leave now, not after the rest of the batch: a
+                # handler that never suspends would otherwise hold them back. Costs a round
+                # trip only for batches that publish something before their end.
+                await self._until_done(self.producer.flush)
+        await self._commit(acks, dead)
+
+    def _admit(self, entry: _Entry, acks: dict[str, list[bytes]], dead: list[tuple[_Entry, str]]) -> Any:
+        """The decoded message to handle, or ``_SKIP`` with the entry put in ``acks`` or ``dead``."""
+        if entry.fields is None:  # trimmed or deleted while pending: nothing left to do
+            acks.setdefault(entry.stream, []).append(entry.entry_id)
+            return _SKIP
+        raw = entry.fields.get(FIELD, b"")
+        try:
+            message = self.decoder(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, ValueError, TypeError) as exc:
+            dead.append((entry, f"decode: {exc}"))
+            return _SKIP
+        if entry.deliveries > self.max_deliveries:
+            dead.append((entry, self._errors.pop(entry.entry_id, f"delivered {entry.deliveries} times")))
+            return _SKIP
+        return message
+
+    async def _handle_timed(self, entry: _Entry, message: Any) -> bool | None:
+        counted, hop, handle_time = self._metrics(entry.stream)
+        counted.inc()
+        published = getattr(message, "ts_pub_ns", 0) or getattr(message, "ts_ns", 0)
+        if published:
+            hop.observe(max(0, time.time_ns() - published) / 1e9)
+        started = time.perf_counter()
+        ok = await self._handle(Delivery(entry.stream, entry.entry_id, message, entry.deliveries))
+        handle_time.observe(time.perf_counter() - started)
+        return ok
+
+    def _settle(self, entry: _Entry, ok: bool, acks: dict[str, list[bytes]], dead: list[tuple[_Entry, str]]) -> None:
+        if ok:
+            self._errors.pop(entry.entry_id, None)
+            acks.setdefault(entry.stream, []).append(entry.entry_id)
+            self.handled += 1
+        elif entry.deliveries >= self.max_deliveries:
+            dead.append((entry, self._errors.pop(entry.entry_id, "handler failed")))
+
+    # ------------------------------------------------------------------ concurrent handling
+
+    async def _run_concurrent(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._failure is not None:
+                    raise self._failure
+                try:
+                    await self.ensure_groups()
+                    if not self._streams:
+                        await self._sleep(self.block_ms / 1000)
+                        continue
+                    free = self.concurrency - len(self._in_hand)
+                    if free <= 0:
+                        # every slot busy: read nothing more until one frees (or we are stopped)
+                        self._freed.clear()
+                        await wait_event(self._freed, self.block_ms / 1000)
+                        continue
+                    for entry in await self._next_concurrent(free):
+                        await self._dispatch(entry)
+                    if self._outage:
+                        log.info("redis reachable again", extra={"group": self.group})
+                        metrics.REDIS_RECONNECTS.labels(self.service).inc()
+                        self._outage = 0
+                except rexc.ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        self._grouped.clear()
+                        self._recover = True
+                        continue
+                    if not is_redis_down(exc):
+                        raise
+                    await self._backoff(exc)
+                except Exception as exc:
+                    if not is_redis_down(exc):
+                        raise
+                    await self._backoff(exc)
+        finally:
+            # stopping (or failing): what is in hand finishes and acknowledges itself
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._failure is not None:
+            raise self._failure
+
+    async def _next_concurrent(self, free: int) -> list[_Entry]:
+        if self._recover:
+            # Page through our own pending entries (those in hand are skipped, not re-read forever).
+            if not self._recover_from:
+                self._recover_from = dict.fromkeys(self._streams, "0")
+            entries = await self._read(self._recover_from, block=None, count=free)
+            returned = {e.stream for e in entries}
+            for stream in list(self._recover_from):
+                if stream not in returned:
+                    del self._recover_from[stream]
+            for e in entries:
+                self._recover_from[e.stream] = e.entry_id.decode()
+            if not self._recover_from:
+                self._recover = False
+            entries = [e for e in entries if (e.stream, e.entry_id) not in self._in_hand]
+            if entries:
+                await self._fill_delivery_counts(entries)
+            return entries
+        now = time.monotonic()
+        if now >= self._next_claim:
+            self._next_claim = now + self.claim_interval_ms / 1000
+            await self._refresh_in_hand(now)
+            entries = await self._claim(count=free)
+            if entries:
+                return entries
+        return await self._read(">", block=self.block_ms, count=free)
+
+    async def _refresh_in_hand(self, now: float) -> None:
+        """Reset the idle time of entries handled for a long time (a handler retrying in place),
+        so no claim, ours or another replica's, takes them; JUSTID counts no delivery."""
+        old: dict[str, list[Any]] = {}
+        for (stream, entry_id), since in self._in_hand.items():
+            if now - since > self.claim_idle_ms / 2000:
+                old.setdefault(stream, []).append(entry_id)
+        for stream, ids in old.items():
+            await self.bus.redis.xclaim(self.bus.stream(stream), self.group, self.name, 0, ids, justid=True)
+            for entry_id in ids:
+                self._in_hand[(stream, entry_id)] = now
+
+    async def _dispatch(self, entry: _Entry) -> None:
+        acks: dict[str, list[bytes]] = {}
+        dead: list[tuple[_Entry, str]] = []
+        message = self._admit(entry, acks, dead)
+        if message is _SKIP:
+            await self._commit(acks, dead)
+            return
+        slot = (entry.stream, entry.entry_id)
+        self._in_hand[slot] = time.monotonic()
+        key = self.key(message) if self.key is not None else None
+        before = self._tails.get(key) if key is not None else None
+        task = asyncio.create_task(self._work(entry, message, before))
+        self._tasks.add(task)
+        if key is not None:
+            self._tails[key] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._in_hand.pop(slot, None)
+            if key is not None and self._tails.get(key) is t:
+                del self._tails[key]
+            if not t.cancelled() and t.exception() is not None and self._failure is None:
+                self._failure = t.exception()
+                self._stop.set()  # a failure the sequential loop would raise stops this one too
+            self._freed.set()
+
+        task.add_done_callback(done)
+
+    async def _work(self, entry: _Entry, message: Any, before: asyncio.Task[None] | None) -> None:
+        if before is not None:  # the same key is handled in the order it was read
+            await asyncio.wait([before])
+        ok = await self._handle_timed(entry, message)
+        if ok is None:  # stopping while a dependency is down: leave it pending
+            return
+        acks: dict[str, list[bytes]] = {}
+        dead: list[tuple[_Entry, str]] = []
+        self._settle(entry, ok, acks, dead)
         await self._commit(acks, dead)
 
     def _metrics(self, stream: str) -> tuple[Any, Any, Any]:
