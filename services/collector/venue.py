@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple
 import msgspec
 from msgspec import Meta
 
-from services.collector.book import OrderBook
+from services.collector.book import L2Book, new_book
 from shared.models import Instrument, Side
 
 # --------------------------------------------------------------------------- wire types
@@ -149,7 +149,7 @@ class BookSync(ABC):
 
     __slots__ = ("book", "seq", "synced", "ts_exchange_ns")
 
-    def __init__(self, book: OrderBook) -> None:
+    def __init__(self, book: L2Book) -> None:
         self.book = book
         self.seq = 0
         self.synced = False
@@ -304,5 +304,5 @@ class Venue(ABC):
     def snapshot_request(self, native: str) -> RestRequest:
         raise NotImplementedError(f"{self.name} has no REST snapshots")
 
-    def new_order_book(self) -> OrderBook:
-        return OrderBook(keep_strings=self.keep_strings)
+    def new_order_book(self) -> L2Book:
+        return new_book(keep_strings=self.keep_strings)

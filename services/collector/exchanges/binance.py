@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 from msgspec import Struct
 
-from services.collector.book import OrderBook
+from services.collector.book import L2Book
 from services.collector.venue import (
     APPLIED,
     BUFFERED,
@@ -128,7 +128,7 @@ STREAM_PREFIX = b'{"stream":"'
 class BinanceBook(BookSync):
     __slots__ = ("buffer", "first_u", "max_buffer", "requested")
 
-    def __init__(self, book: OrderBook, max_buffer: int = 10_000) -> None:
+    def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
         super().__init__(book)
         self.buffer: list[DepthUpdate] = []
         self.first_u: int | None = None
