@@ -123,6 +123,25 @@ _snapshot = msgspec.json.Decoder(DepthSnapshot, strict=False)
 _any = msgspec.json.Decoder(dict[str, Any])
 
 STREAM_PREFIX = b'{"stream":"'
+_START = len(STREAM_PREFIX)
+DEPTH, TRADE, TICKER, UNUSED, UNNAMED = range(5)
+_routes: dict[bytes, int] = {}
+"""Stream name -> what its frames are: a few names per connection, classified once each."""
+_MAX_ROUTES = 4096
+
+
+def _route(name: bytes) -> int:
+    at = name.find(b"@")
+    if at < 0:
+        return UNNAMED
+    kind = name[at + 1:]
+    if kind == b"depth" or kind.startswith(b"depth@"):
+        return DEPTH
+    if kind == b"trade" or kind == b"aggTrade":
+        return TRADE
+    if kind == b"bookTicker":
+        return TICKER
+    return UNUSED
 
 
 class BinanceBook(BookSync):
@@ -281,17 +300,22 @@ class Binance(Venue):
 
     def decode(self, frame: bytes) -> Sequence[Event]:
         if frame.startswith(STREAM_PREFIX):
-            end = frame.find(b'"', len(STREAM_PREFIX))
-            at = frame.find(b"@", len(STREAM_PREFIX), end)
-            if at > 0:
-                kind = frame[at + 1:end]
-                if kind == b"depth" or kind.startswith(b"depth@"):
-                    d = _depth_frame.decode(frame).data
-                    return (BookMsg(d.s, d),)
-                if kind == b"trade" or kind == b"aggTrade":
-                    return (self._trade(_trade_frame.decode(frame).data),)
-                if kind == b"bookTicker":
-                    return (self._ticker(_ticker_frame.decode(frame).data),)
+            end = frame.find(b'"', _START)
+            name = frame[_START:end]
+            route = _routes.get(name)
+            if route is None:
+                route = _route(name)
+                if end > 0 and len(_routes) < _MAX_ROUTES:
+                    _routes[name] = route
+            if route == TICKER:  # the most frequent: built here rather than through _ticker
+                t = _ticker_frame.decode(frame).data
+                return (BboMsg(t.s, t.u, t.b, t.B, t.a, t.A, 0),)
+            if route == DEPTH:
+                d = _depth_frame.decode(frame).data
+                return (BookMsg(d.s, d),)
+            if route == TRADE:
+                return (self._trade(_trade_frame.decode(frame).data),)
+            if route == UNUSED:
                 ensure_json(frame)
                 return ()  # a stream we do not use (kline, partial depth, ...)
         if frame.startswith(b'{"lastUpdateId"'):

@@ -140,6 +140,12 @@ DEFAULT_PREFIX = b'{"type":"'
 KNOWN = (b"orderbook", b"trade")
 
 
+def _kind(frame: bytes, start: int) -> bytes:
+    """The message type named right after the prefix (up to its closing quote)."""
+    end = frame.find(b'"', start)
+    return frame[start:end if end >= 0 else len(frame)]
+
+
 def _side(levels: list[tuple[float, float]]) -> list[Level]:
     """Units pad missing levels with zeros; a size without a price is broken."""
     out = []
@@ -158,7 +164,7 @@ class UpbitBook(BookSync):
         tms, bids, asks = m
         if not bids and not asks:
             raise Malformed("empty_book")
-        if bids and asks and max(p for p, _ in bids) >= min(p for p, _ in asks):
+        if bids and asks and max(bids)[0] >= min(asks)[0]:  # the highest bid, the lowest ask
             raise Malformed("crossed")
         if tms < self.seq:
             return IGNORED  # older than the book we have
@@ -260,12 +266,12 @@ class Upbit(Venue):
 
     def decode(self, frame: bytes) -> Sequence[Event]:
         if frame.startswith(SIMPLE_PREFIX):
-            if frame[len(SIMPLE_PREFIX):].split(b'"', 1)[0] not in KNOWN:
+            if _kind(frame, len(SIMPLE_PREFIX)) not in KNOWN:
                 ensure_json(frame)
                 return ()  # ticker and other types
             msg: Any = _simple.decode(frame)
         elif frame.startswith(DEFAULT_PREFIX):
-            if frame[len(DEFAULT_PREFIX):].split(b'"', 1)[0] not in KNOWN:
+            if _kind(frame, len(DEFAULT_PREFIX)) not in KNOWN:
                 ensure_json(frame)
                 return ()
             msg = _default.decode(frame)
@@ -293,12 +299,20 @@ class Upbit(Venue):
     def _event(msg: Any) -> Event:
         kind = type(msg)
         if kind is OrderbookSimple:
-            bids = _side([(u.bp, u.bs) for u in msg.obu])
-            asks = _side([(u.ap, u.as_) for u in msg.obu])
+            units = msg.obu
+            bids = [(u.bp, u.bs) for u in units if u.bp > 0 and u.bs > 0]
+            asks = [(u.ap, u.as_) for u in units if u.ap > 0 and u.as_ > 0]
+            if len(bids) < len(units) or len(asks) < len(units):  # padding, or a broken level: the full rules
+                bids = _side([(u.bp, u.bs) for u in units])
+                asks = _side([(u.ap, u.as_) for u in units])
             return BookMsg(msg.cd, (msg.tms, bids, asks))
         if kind is Orderbook:
-            bids = _side([(u.bid_price, u.bid_size) for u in msg.orderbook_units])
-            asks = _side([(u.ask_price, u.ask_size) for u in msg.orderbook_units])
+            units = msg.orderbook_units
+            bids = [(u.bid_price, u.bid_size) for u in units if u.bid_price > 0 and u.bid_size > 0]
+            asks = [(u.ask_price, u.ask_size) for u in units if u.ask_price > 0 and u.ask_size > 0]
+            if len(bids) < len(units) or len(asks) < len(units):
+                bids = _side([(u.bid_price, u.bid_size) for u in units])
+                asks = _side([(u.ask_price, u.ask_size) for u in units])
             return BookMsg(msg.code, (msg.timestamp, bids, asks))
         if kind is TradeSimple:
             return _trade(msg.cd, str(msg.sid), msg.tp, msg.tv, msg.ab, msg.ttms)
