@@ -17,7 +17,7 @@ This module is the reference. ``new_book`` hands out the compiled book of ``_cbo
 same interface, ``L2Book``, for books that keep no strings; the same results, checked on
 random update sequences by ``tests/test_collector_book.py``) when the extension is built, as
 ``pip install`` does wherever a C compiler is found, and this one otherwise or when
-``ARB_PURE_PYTHON_BOOK=1``.
+``ARB_PURE_PYTHON=1``.
 """
 
 from __future__ import annotations
@@ -360,7 +360,7 @@ class L2Book(Protocol):
 
 
 def _compiled() -> Any:
-    if os.environ.get("ARB_PURE_PYTHON_BOOK", "") not in ("", "0"):
+    if os.environ.get("ARB_PURE_PYTHON", "") not in ("", "0"):
         return None
     try:
         from services.collector import _cbook
