@@ -20,6 +20,7 @@
 typedef struct {
     double key;
     double size;
+    PyObject *pair; /* the (price, size) tuple top() hands out, or NULL until one is needed */
 } Level;
 
 typedef struct {
@@ -40,7 +41,12 @@ typedef struct {
 static PyTypeObject SideType;
 static PyTypeObject BookType;
 
-/* ------------------------------------------------------------------ side internals */
+/* ------------------------------------------------------------------ side internals
+ *
+ * Each level keeps the (price, size) tuple it was given when that is an exact tuple of two
+ * exact floats (what msgspec decodes and exchange modules build), or the one top() made for
+ * it: a snapshot of the top 20 then allocates two lists and nothing else. Tuples and floats
+ * are immutable, so sharing them between snapshots changes nothing a reader can see. */
 
 static int
 side_reserve(SideObject *self, Py_ssize_t need)
@@ -60,6 +66,14 @@ side_reserve(SideObject *self, Py_ssize_t need)
     return 0;
 }
 
+static void
+side_clear(SideObject *self)
+{
+    for (Py_ssize_t k = 0; k < self->n; k++)
+        Py_CLEAR(self->levels[k].pair);
+    self->n = 0;
+}
+
 /* First index whose key is <= key (keys descend), n if none. */
 static Py_ssize_t
 side_find(const SideObject *self, double key)
@@ -76,9 +90,10 @@ side_find(const SideObject *self, double key)
     return lo;
 }
 
-/* Absolute size at price; 0 removes the level (removing a missing level is normal). */
+/* Absolute size at price; 0 removes the level (removing a missing level is normal).
+ * ``pair`` (borrowed, may be NULL) is the level as given, kept for top(). */
 static int
-side_set(SideObject *self, double price, double size)
+side_set(SideObject *self, double price, double size, PyObject *pair)
 {
     if (isnan(price)) {
         PyErr_SetString(PyExc_ValueError, "price is NaN");
@@ -90,6 +105,7 @@ side_set(SideObject *self, double price, double size)
     int found = i < self->n && lv[i].key == key;
     if (size == 0.0) {
         if (found) {
+            Py_CLEAR(lv[i].pair);
             memmove(lv + i, lv + i + 1, (size_t)(self->n - i - 1) * sizeof(Level));
             self->n--;
         }
@@ -97,6 +113,8 @@ side_set(SideObject *self, double price, double size)
     }
     if (found) {
         lv[i].size = size;
+        Py_XINCREF(pair);
+        Py_XSETREF(lv[i].pair, pair);
         return 0;
     }
     if (side_reserve(self, self->n + 1) < 0)
@@ -105,18 +123,28 @@ side_set(SideObject *self, double price, double size)
     memmove(lv + i + 1, lv + i, (size_t)(self->n - i) * sizeof(Level));
     lv[i].key = key;
     lv[i].size = size;
+    Py_XINCREF(pair);
+    lv[i].pair = pair;
     self->n++;
     return 0;
 }
 
-/* ``(price, size)`` of one level as the exchange module hands it (a 2-tuple or 2-sequence). */
+/* ``(price, size)`` of one level as the exchange module hands it (a 2-tuple or 2-sequence);
+ * ``*pair`` is the item itself (borrowed) when it can be handed out as it is, else NULL. */
 static int
-read_level(PyObject *item, double *price, double *size)
+read_level(PyObject *item, double *price, double *size, PyObject **pair)
 {
     PyObject *p, *s;
+    *pair = NULL;
     if (PyTuple_CheckExact(item) && PyTuple_GET_SIZE(item) == 2) {
         p = PyTuple_GET_ITEM(item, 0);
         s = PyTuple_GET_ITEM(item, 1);
+        if (PyFloat_CheckExact(p) && PyFloat_CheckExact(s)) {
+            *price = PyFloat_AS_DOUBLE(p);
+            *size = PyFloat_AS_DOUBLE(s);
+            *pair = item;
+            return 0;
+        }
     }
     else if (PyList_CheckExact(item) && PyList_GET_SIZE(item) == 2) {
         p = PyList_GET_ITEM(item, 0);
@@ -136,10 +164,10 @@ read_level(PyObject *item, double *price, double *size)
         Py_DECREF(seq);
         return PyErr_Occurred() ? -1 : 0;
     }
-    *price = PyFloat_CheckExact(p) ? PyFloat_AS_DOUBLE(p) : PyFloat_AsDouble(p);
+    *price = PyFloat_AsDouble(p);
     if (*price == -1.0 && PyErr_Occurred())
         return -1;
-    *size = PyFloat_CheckExact(s) ? PyFloat_AS_DOUBLE(s) : PyFloat_AsDouble(s);
+    *size = PyFloat_AsDouble(s);
     if (*size == -1.0 && PyErr_Occurred())
         return -1;
     return 0;
@@ -155,7 +183,8 @@ side_update(SideObject *self, PyObject *levels)
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t k = 0; k < count; k++) {
         double price, size;
-        if (read_level(items[k], &price, &size) < 0 || side_set(self, price, size) < 0) {
+        PyObject *pair;
+        if (read_level(items[k], &price, &size, &pair) < 0 || side_set(self, price, size, pair) < 0) {
             Py_DECREF(seq);
             return -1;
         }
@@ -174,16 +203,18 @@ side_load(SideObject *self, PyObject *levels)
         return -1;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    self->n = 0;
+    side_clear(self);
     if (side_reserve(self, count) < 0) {
         Py_DECREF(seq);
         return -1;
     }
+    /* Read into the side's own memory with borrowed pairs; self->n stays 0 until they are owned. */
     Level *lv = self->levels;
     Py_ssize_t n = 0;
     for (Py_ssize_t k = 0; k < count; k++) {
         double price, size;
-        if (read_level(items[k], &price, &size) < 0) {
+        PyObject *pair;
+        if (read_level(items[k], &price, &size, &pair) < 0) {
             Py_DECREF(seq);
             return -1;
         }
@@ -196,9 +227,9 @@ side_load(SideObject *self, PyObject *levels)
             continue; /* a snapshot's zero size is no level (it removes nothing given before it) */
         lv[n].key = self->sign * price;
         lv[n].size = size;
+        lv[n].pair = pair;
         n++;
     }
-    Py_DECREF(seq);
     /* Exchanges send snapshots best first (keys ascending): reversed, they are already in order. */
     int sorted = 1;
     for (Py_ssize_t k = 1; k < n && sorted; k++) {
@@ -211,25 +242,26 @@ side_load(SideObject *self, PyObject *levels)
             lv[a] = lv[b];
             lv[b] = t;
         }
+        for (Py_ssize_t k = 0; k < n; k++)
+            Py_XINCREF(lv[k].pair);
         self->n = n;
+        Py_DECREF(seq);
         return 0;
     }
     /* The general case, as a dict load: apply in order onto an empty side. */
     Level *given = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(Level));
     if (given == NULL) {
+        Py_DECREF(seq);
         PyErr_NoMemory();
         return -1;
     }
     memcpy(given, lv, (size_t)n * sizeof(Level));
-    self->n = 0;
-    for (Py_ssize_t k = 0; k < n; k++) {
-        if (side_set(self, self->sign * given[k].key, given[k].size) < 0) {
-            PyMem_Free(given);
-            return -1;
-        }
-    }
+    int failed = 0;
+    for (Py_ssize_t k = 0; k < n && !failed; k++)
+        failed = side_set(self, self->sign * given[k].key, given[k].size, given[k].pair) < 0;
     PyMem_Free(given);
-    return 0;
+    Py_DECREF(seq);
+    return failed ? -1 : 0;
 }
 
 static void
@@ -240,6 +272,8 @@ side_trim(SideObject *self, Py_ssize_t max_levels)
     if (self->n <= max_levels)
         return;
     Py_ssize_t drop = self->n - max_levels; /* the worst levels are at the front */
+    for (Py_ssize_t k = 0; k < drop; k++)
+        Py_CLEAR(self->levels[k].pair);
     memmove(self->levels, self->levels + drop, (size_t)max_levels * sizeof(Level));
     self->n = max_levels;
 }
@@ -254,19 +288,22 @@ side_top(SideObject *self, Py_ssize_t n)
     PyObject *out = PyList_New(n);
     if (out == NULL)
         return NULL;
-    const Level *lv = self->levels + self->n - 1;
+    Level *lv = self->levels + self->n - 1;
     double sign = self->sign;
     for (Py_ssize_t k = 0; k < n; k++, lv--) {
-        PyObject *price = PyFloat_FromDouble(sign * lv->key);
-        PyObject *size = PyFloat_FromDouble(lv->size);
-        PyObject *pair = (price && size) ? PyTuple_Pack(2, price, size) : NULL;
-        Py_XDECREF(price);
-        Py_XDECREF(size);
-        if (pair == NULL) {
-            Py_DECREF(out);
-            return NULL;
+        if (lv->pair == NULL) {
+            PyObject *price = PyFloat_FromDouble(sign * lv->key);
+            PyObject *size = PyFloat_FromDouble(lv->size);
+            lv->pair = (price && size) ? PyTuple_Pack(2, price, size) : NULL;
+            Py_XDECREF(price);
+            Py_XDECREF(size);
+            if (lv->pair == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
         }
-        PyList_SET_ITEM(out, k, pair);
+        Py_INCREF(lv->pair);
+        PyList_SET_ITEM(out, k, lv->pair);
     }
     return out;
 }
@@ -315,6 +352,7 @@ Side_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 static void
 Side_dealloc(SideObject *self)
 {
+    side_clear(self);
     PyMem_Free(self->levels);
     PyObject_Free(self);
 }
@@ -338,7 +376,7 @@ Side_set(SideObject *self, PyObject *const *args, Py_ssize_t nargs)
     double size = PyFloat_AsDouble(args[1]);
     if (size == -1.0 && PyErr_Occurred())
         return NULL;
-    if (side_set(self, price, size) < 0)
+    if (side_set(self, price, size, NULL) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -362,7 +400,7 @@ Side_load(SideObject *self, PyObject *levels)
 static PyObject *
 Side_clear(SideObject *self, PyObject *Py_UNUSED(ignored))
 {
-    self->n = 0;
+    side_clear(self);
     Py_RETURN_NONE;
 }
 
@@ -525,8 +563,8 @@ Book_replace(BookObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 Book_clear(BookObject *self, PyObject *Py_UNUSED(ignored))
 {
-    self->bids->n = 0;
-    self->asks->n = 0;
+    side_clear(self->bids);
+    side_clear(self->asks);
     Py_RETURN_NONE;
 }
 
