@@ -74,12 +74,23 @@ side_clear(SideObject *self)
     self->n = 0;
 }
 
-/* First index whose key is <= key (keys descend), n if none. */
+/* First index whose key is <= key (keys descend), n if none. Most changes are near the touch,
+ * at the end: gallop back from it (1, 2, 4, ... levels) before the binary search. */
 static Py_ssize_t
 side_find(const SideObject *self, double key)
 {
     const Level *lv = self->levels;
-    Py_ssize_t lo = 0, hi = self->n;
+    Py_ssize_t n = self->n, lo = 0, hi = n;
+    for (Py_ssize_t step = 1;; step <<= 1) {
+        Py_ssize_t probe = n - step;
+        if (probe < 0)
+            break;
+        if (lv[probe].key > key) {
+            lo = probe + 1;
+            break;
+        }
+        hi = probe;
+    }
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) >> 1;
         if (lv[mid].key > key)
