@@ -9,7 +9,9 @@ driven through this interface. Adding an exchange is one module plus its simulat
 
 Decoding returns small events instead of bus messages: the core resolves native symbols to
 unified ones and stamps times, so an exchange module never needs either. Events are frozen
-msgspec Structs built positionally (a third of a NamedTuple's cost: one or more per frame).
+msgspec Structs built positionally (a third of a NamedTuple's cost: one or more per frame),
+untracked by the cyclic garbage collector (``gc=False``): they hold decoded values, never
+themselves, so they cannot form a cycle.
 """
 
 from __future__ import annotations
@@ -61,14 +63,14 @@ class Malformed(Exception):
 # --------------------------------------------------------------------------- events
 
 
-class BookMsg(Struct, frozen=True):
+class BookMsg(Struct, frozen=True, gc=False):
     """A book message for one native symbol; ``payload`` is the exchange's own typed struct."""
 
     native: str
     payload: Any
 
 
-class SnapshotMsg(Struct, frozen=True):
+class SnapshotMsg(Struct, frozen=True, gc=False):
     """A REST book snapshot. ``native`` is None when the body does not name its symbol
     (Binance's depth body): the core gives it to the one book waiting for a snapshot."""
 
@@ -76,7 +78,7 @@ class SnapshotMsg(Struct, frozen=True):
     payload: Any
 
 
-class TradeMsg(Struct, frozen=True):
+class TradeMsg(Struct, frozen=True, gc=False):
     native: str
     trade_id: str
     price: float
@@ -86,7 +88,7 @@ class TradeMsg(Struct, frozen=True):
     ts_exchange_ns: int
 
 
-class BboMsg(Struct, frozen=True):
+class BboMsg(Struct, frozen=True, gc=False):
     native: str
     seq: int
     bid: float
@@ -96,7 +98,7 @@ class BboMsg(Struct, frozen=True):
     ts_exchange_ns: int
 
 
-class InstrumentsMsg(Struct, frozen=True):
+class InstrumentsMsg(Struct, frozen=True, gc=False):
     """Instrument metadata found in a recorded REST response (replay learns symbols from it)."""
 
     instruments: list[Instrument]
