@@ -104,6 +104,23 @@ class OrderbookSimple(Struct, tag_field="ty", tag="orderbook", gc=False):
     obu: list[UnitSimple]
 
 
+class FullUnitSimple(Struct, gc=False):
+    """A unit whose four figures are all positive: no padding, nothing to filter."""
+
+    ap: Positive
+    bp: Positive
+    as_: Positive = field(name="as")
+    bs: Positive
+
+
+class FullOrderbookSimple(Struct, tag_field="ty", tag="orderbook", gc=False):
+    """The usual book message: every unit priced and sized on both sides."""
+
+    cd: str
+    tms: int
+    obu: list[FullUnitSimple]
+
+
 class TradeSimple(Struct, tag_field="ty", tag="trade", gc=False):
     cd: str
     ttms: int
@@ -136,6 +153,7 @@ class TradeDefault(Struct, tag_field="type", tag="trade", gc=False):
 
 
 _simple = msgspec.json.Decoder(OrderbookSimple | TradeSimple)
+_simple_full = msgspec.json.Decoder(FullOrderbookSimple | TradeSimple)
 _default = msgspec.json.Decoder(Orderbook | TradeDefault)
 _any: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
@@ -273,7 +291,10 @@ class Upbit(Venue):
             if _kind(frame, len(SIMPLE_PREFIX)) not in KNOWN:
                 ensure_json(frame)
                 return ()  # ticker and other types
-            msg: Any = _simple.decode(frame)
+            try:  # the usual full book, read without filtering its units
+                msg: Any = _simple_full.decode(frame)
+            except msgspec.ValidationError:  # padding or a figure out of range: the general rules decide
+                msg = _simple.decode(frame)
         elif frame.startswith(DEFAULT_PREFIX):
             if _kind(frame, len(DEFAULT_PREFIX)) not in KNOWN:
                 ensure_json(frame)
@@ -302,6 +323,9 @@ class Upbit(Venue):
     @staticmethod
     def _event(msg: Any) -> Event:
         kind = type(msg)
+        if kind is FullOrderbookSimple:
+            units = msg.obu
+            return BookMsg(msg.cd, (msg.tms, [(u.bp, u.bs) for u in units], [(u.ap, u.as_) for u in units]))
         if kind is OrderbookSimple:
             units = msg.obu
             bids = [(u.bp, u.bs) for u in units if u.bp > 0 and u.bs > 0]
