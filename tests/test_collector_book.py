@@ -1,11 +1,16 @@
-"""The L2 book: its top levels always equal a naively sorted book, whatever the changes."""
+"""The L2 book: its top levels always equal a naively sorted book, whatever the changes, and the
+compiled book the collector runs gives exactly what the pure-Python reference gives."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.collector.book import WINDOW, WINDOW_MAX, OrderBook
+from services.collector.book import COMPILED, WINDOW, WINDOW_MAX, L2Book, OrderBook, new_book
+from services.collector.exchanges.binance import Binance
 
 prices = st.integers(1, 3000).map(lambda i: i / 100)
 positive = st.integers(1, 10_000).map(lambda i: i / 1000)
@@ -81,3 +86,64 @@ def test_memory_is_bounded_by_dropping_the_levels_furthest_from_the_touch() -> N
     assert len(book.bids) == 100
     assert book.bids.top(1) == [(1000.0, 1.0)]
     assert min(book.bids.levels) == 901.0
+
+
+# --------------------------------------------------------------------------- the compiled book
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("apply"), st.lists(st.tuples(prices, sizes), max_size=40),
+              st.lists(st.tuples(prices, sizes), max_size=40)),
+    st.tuples(st.just("replace"), st.lists(st.tuples(prices, sizes), max_size=60),
+              st.lists(st.tuples(prices, sizes), max_size=60)),
+    st.tuples(st.just("set"), st.sampled_from("ba"), prices, sizes),
+    st.tuples(st.just("trim"), st.sampled_from("ba"), st.integers(0, 80)),
+    st.tuples(st.just("clear")),
+), max_size=40)
+
+
+def _state(book: L2Book, n: int) -> tuple[object, ...]:
+    return (book.top(n), book.best_bid(), book.best_ask(), book.crossed(), bool(book), len(book.bids),
+            len(book.asks), book.bids.best(), book.asks.top(n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, st.sampled_from([1, 5, 20, 1000]), st.sampled_from([5, 50, 20_000]))
+def test_the_compiled_book_gives_what_the_reference_gives_on_any_update_sequence(
+    sequence: list[tuple[object, ...]], n: int, max_levels: int,
+) -> None:
+    assert COMPILED is not None, "the compiled book was not built (pip install -e . needs a C compiler)"
+    fast: L2Book = COMPILED(max_levels=max_levels)
+    ref = OrderBook(max_levels=max_levels)
+    for op in sequence:
+        for book in (fast, ref):
+            side = {"b": book.bids, "a": book.asks}
+            if op[0] == "apply":
+                book.apply(op[1], op[2])  # type: ignore[arg-type]
+            elif op[0] == "replace":
+                book.replace(op[1], op[2])  # type: ignore[arg-type]
+            elif op[0] == "set":
+                side[op[1]].set(op[2], op[3])  # type: ignore[index, arg-type]
+            elif op[0] == "trim":
+                side[op[1]].trim(op[2])  # type: ignore[index, arg-type]
+            else:
+                book.clear()
+        assert _state(fast, n) == _state(ref, n)
+    assert fast.bids.levels == ref.bids.levels and fast.asks.levels == ref.asks.levels  # type: ignore[attr-defined]
+
+
+def test_exchange_books_are_compiled_unless_they_keep_the_exchange_strings() -> None:
+    assert COMPILED is not None
+    assert type(new_book()) is COMPILED
+    assert type(new_book(keep_strings=True)) is OrderBook  # checksummed books keep strings: the reference
+    assert type(Binance().new_book("BTCUSDT").book) is COMPILED
+
+
+def test_the_compiled_book_rejects_what_would_break_its_order() -> None:
+    assert COMPILED is not None
+    book = COMPILED()
+    with pytest.raises(ValueError):
+        book.apply([(math.nan, 1.0)], [])
+    with pytest.raises(ValueError):
+        book.apply([(1.0, 2.0, 3.0)], [])  # the reference's unpacking refuses it too
+    with pytest.raises(ValueError):
+        COMPILED(keep_strings=True)

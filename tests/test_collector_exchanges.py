@@ -7,8 +7,11 @@ import json
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from services.collector.core import FeedCore, FetchSnapshot, Resubscribe
 from services.collector.exchanges import make_venue
+from services.collector.exchanges import upbit as upbit_module
 from services.collector.exchanges.binance import parse_exchange_info
 from services.collector.exchanges.bitget import parse_symbols as bitget_symbols
 from services.collector.exchanges.bithumb import parse_legacy_tickers as bithumb_legacy
@@ -18,7 +21,7 @@ from services.collector.exchanges.gateio import parse_currency_pairs as gate_pai
 from services.collector.exchanges.kucoin import parse_symbols as kucoin_symbols
 from services.collector.exchanges.okx import parse_instruments as okx_instruments
 from services.collector.exchanges.upbit import KRW_TICKS, Upbit, parse_markets
-from services.collector.venue import Fees, RestRequest, VenueOptions
+from services.collector.venue import BookMsg, Fees, Malformed, RestRequest, VenueOptions
 from shared.models import BookSnapshot, TopOfBook, Trade
 from shared.money import round_price
 from shared.simulator.venues.upbit import SIMPLE_TO_DEFAULT, rename
@@ -169,6 +172,21 @@ def test_upbit_default_and_simple_formats_give_the_same_books_and_trades() -> No
     first = json.loads(next(f for f in frames if b'"trade"' in f[:20]))
     trade = next(t for t in kinds(simple_out, "Trade") if isinstance(t, Trade))
     assert (trade.trade_id, trade.side) == (str(first["sid"]), "sell" if first["ab"] == "ASK" else "buy")
+
+
+def test_upbit_padded_units_are_dropped_and_a_full_book_reads_as_the_general_rules_read_it() -> None:
+    def frame(units: list[tuple[float, float, float, float]]) -> bytes:
+        obu = [{"ap": ap, "as": asz, "bp": bp, "bs": bsz} for ap, asz, bp, bsz in units]
+        return json.dumps({"ty": "orderbook", "cd": "KRW-BTC", "tms": 7, "obu": obu, "st": "REALTIME"}).encode()
+
+    full = frame([(101.0, 1.0, 100.0, 2.0), (102.0, 3.0, 99.0, 4.0)])
+    padded = frame([(101.0, 1.0, 100.0, 2.0), (102.0, 3.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0)])
+    [book] = Upbit().decode(full)
+    [general] = (Upbit._event(upbit_module._simple.decode(full)),)  # the decoder that admits padding
+    assert book == general == BookMsg("KRW-BTC", (7, [(100.0, 2.0), (99.0, 4.0)], [(101.0, 1.0), (102.0, 3.0)]))
+    assert Upbit().decode(padded) == (BookMsg("KRW-BTC", (7, [(100.0, 2.0)], [(101.0, 1.0), (102.0, 3.0)])),)
+    with pytest.raises(Malformed, match="bad_level"):  # a size without a price is still refused
+        Upbit().decode(frame([(101.0, 1.0, 0.0, 2.0)]))
 
 
 def test_upbit_drops_a_book_older_than_the_one_it_has() -> None:

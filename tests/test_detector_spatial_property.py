@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -297,14 +298,14 @@ def revalue(case: Case, signal: Signal) -> float:
 # ------------------------------------------------------------------ driving the detector
 
 
-def detector_for(case: Case) -> SpatialDetector:
+def detector_for(case: Case, kind: type[SpatialDetector] = SpatialDetector, cooldown_ns: int = 0) -> SpatialDetector:
     config = SpatialConfig(
         reference_currency="USDT",
         min_profit=case.threshold,
         max_notional=case.max_notional,
         max_book_age_ns=MAX_BOOK_AGE,
         max_fx_age_ns=MAX_FX_AGE,
-        cooldown_ns=0,
+        cooldown_ns=cooldown_ns,
         transfer_cost=case.transfer,
     )
     instruments = InstrumentTable(FallbackRules({}), [
@@ -312,7 +313,7 @@ def detector_for(case: Case) -> SpatialDetector:
                    tick_size=v.tick, lot_size=v.lot, min_notional=v.min_notional,
                    taker_fee=Decimal(repr(v.fee))) for v in case.venues
     ])
-    det = SpatialDetector(config, instruments)
+    det = kind(config, instruments)
     for pair, (rate, bid, ask, age) in case.fx.items():
         det.on_fx(FxRate(pair=pair, rate=rate, bid=bid, ask=ask, source="test", ts_source_ns=NOW - age), NOW)
     for v in case.venues:
@@ -396,3 +397,51 @@ def test_oracle_finds_the_hand_computed_trade() -> None:
     profit, buy_ex, sell_ex, qty = best
     assert (buy_ex, sell_ex, qty) == ("a", "b", Decimal("1.00"))
     assert profit == pytest.approx(1.25)
+
+
+# ------------------------------------------------------------------ the cooldown shortcut
+
+
+class Exhaustive(SpatialDetector):
+    """Sizes and rounds on every update, cooling down or not: what the shortcut must agree with."""
+
+    def _all_cooling(self, base: str, pairs: list[Any], now_ns: int) -> bool:
+        return False
+
+
+class Counting(SpatialDetector):
+    skipped = 0
+
+    def _all_cooling(self, base: str, pairs: list[Any], now_ns: int) -> bool:
+        skip = super()._all_cooling(base, pairs, now_ns)
+        self.skipped += skip
+        return skip
+
+
+def _seen(signals: list[Signal]) -> list[tuple[object, ...]]:
+    return [(s.signal_id, s.net_edge_bps, s.expected_profit, [(leg.exchange, leg.side, leg.price, leg.quantity)
+                                                              for leg in s.legs]) for s in signals]
+
+
+def test_skipping_pairs_that_cannot_beat_their_cooldown_changes_no_signal() -> None:
+    rng = random.Random(20250101)
+    skipped = signals = 0
+    for i in range(1_500):
+        case = random_case(rng)
+        fast = detector_for(case, Counting, cooldown_ns=5_000_000_000)
+        full = detector_for(case, Exhaustive, cooldown_ns=5_000_000_000)
+        now = NOW
+        updates = [(v, 1.0) for v in case.venues] + [(rng.choice(case.venues), 1.0 + rng.uniform(-8e-4, 8e-4))
+                                                      for _ in range(25)]
+        for seq, (v, drift) in enumerate(updates, 1):
+            v.bids = [(p * drift, q) for p, q in v.bids]
+            v.asks = [(p * drift, q) for p, q in v.asks]
+            now += rng.randrange(0, 400_000_000)
+            book = BookSnapshot(exchange=v.exchange, symbol=v.symbol, seq=seq, bids=v.bids, asks=v.asks,
+                                ts_exchange_ns=now - v.age_ns, ts_recv_ns=now - v.age_ns)
+            got, want = fast.on_book(book, now), full.on_book(book, now)
+            assert _seen(got) == _seen(want), f"case {i}, update {seq}"
+            signals += len(got)
+        assert isinstance(fast, Counting)
+        skipped += fast.skipped
+    assert skipped > 1_000 and signals > 1_000  # both paths were taken, many times

@@ -12,12 +12,20 @@ strings per level as well (``keep_strings``).
 
 The book knows nothing about sequences, exchanges or time: the sync rules live in the
 exchange modules, which call ``apply``/``replace`` only when their rules allow it.
+
+This module is the reference. ``new_book`` hands out the compiled book of ``_cbook.c`` (the
+same interface, ``L2Book``, for books that keep no strings; the same results, checked on
+random update sequences by ``tests/test_collector_book.py``) when the extension is built, as
+``pip install`` does wherever a C compiler is found, and this one otherwise or when
+``ARB_PURE_PYTHON=1``.
 """
 
 from __future__ import annotations
 
+import os
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Sequence
+from typing import Any, Protocol
 
 from shared.models import Level
 
@@ -300,3 +308,75 @@ class OrderBook:
 
     def top(self, n: int) -> tuple[list[Level], list[Level]]:
         return self.bids.top(n), self.asks.top(n)
+
+
+# --------------------------------------------------------------------------- the books in use
+
+
+class L2Side(Protocol):
+    """What exchange modules use of one side of a book (``BookSide`` and its compiled twin)."""
+
+    def __len__(self) -> int: ...
+
+    def set(self, price: float, size: float) -> None: ...
+
+    def update(self, levels: Iterable[tuple[float, float]]) -> None: ...
+
+    def load(self, levels: Iterable[tuple[float, float]]) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def best(self) -> float | None: ...
+
+    def top(self, n: int) -> list[Level]: ...
+
+    def trim(self, max_levels: int) -> None: ...
+
+
+class L2Book(Protocol):
+    """What the collector core and the exchange modules use of a book."""
+
+    @property
+    def bids(self) -> L2Side: ...
+
+    @property
+    def asks(self) -> L2Side: ...
+
+    def __bool__(self) -> bool: ...
+
+    def clear(self) -> None: ...
+
+    def apply(self, bids: Iterable[tuple[float, float]], asks: Iterable[tuple[float, float]]) -> None: ...
+
+    def replace(self, bids: Iterable[tuple[float, float]], asks: Iterable[tuple[float, float]]) -> None: ...
+
+    def best_bid(self) -> float | None: ...
+
+    def best_ask(self) -> float | None: ...
+
+    def crossed(self) -> bool: ...
+
+    def top(self, n: int) -> tuple[list[Level], list[Level]]: ...
+
+
+def _compiled() -> Any:
+    if os.environ.get("ARB_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from services.collector import _cbook
+    except ImportError:  # not built here (no C compiler at install time): the reference serves
+        return None
+    return _cbook.OrderBook
+
+
+COMPILED: Any = _compiled()
+"""The compiled ``OrderBook`` class, or None when the pure-Python reference is in use."""
+
+
+def new_book(*, keep_strings: bool = False, max_levels: int = 20_000) -> L2Book:
+    """A book for an exchange module: compiled when built, unless it must keep the exchange's
+    strings (checksummed books), which only the reference does."""
+    if COMPILED is not None and not keep_strings:
+        book: L2Book = COMPILED(max_levels=max_levels)
+        return book
+    return OrderBook(keep_strings=keep_strings, max_levels=max_levels)

@@ -151,7 +151,18 @@ class FeedCore:
             self._malformed("decoder_error")
             return
         for event in events:
-            self._dispatch(event, recv_ns)
+            if type(event) is BboMsg:  # most frames of a feed with a BBO channel: handled without a call
+                symbol = self.symbols.get(event.native)
+                if symbol is None:
+                    symbol = self._symbol(event.native)
+                if symbol is not None:
+                    self.outputs.append(TopOfBook(
+                        exchange=self.exchange, symbol=symbol, seq=event.seq, bid=event.bid,
+                        bid_size=event.bid_size, ask=event.ask, ask_size=event.ask_size,
+                        ts_exchange_ns=event.ts_exchange_ns or recv_ns, ts_recv_ns=recv_ns,
+                    ))
+            else:
+                self._dispatch(event, recv_ns)
 
     def on_rest(self, url: str, body: bytes, recv_ns: int, native: str | None = None) -> None:
         """A REST response: a book snapshot we asked for, or (replay) recorded metadata."""
@@ -187,25 +198,31 @@ class FeedCore:
     # ------------------------------------------------------------------ dispatch
 
     def _dispatch(self, event: Any, recv_ns: int) -> None:
+        # Runs for every event of every frame: known symbols are looked up inline. (BBOs of frames
+        # are handled in on_frame; this branch serves events of REST bodies.)
         kind = type(event)
-        if kind is BookMsg:
-            entry = self.books.get(event.native) or self._unknown_book(event.native)
-            if entry is not None:
-                self._apply(entry, entry.sync.on_message, event.payload, recv_ns)
-        elif kind is TradeMsg:
-            symbol = self._symbol(event.native)
-            if symbol is not None:
-                self.outputs.append(Trade(
-                    exchange=self.exchange, symbol=symbol, trade_id=event.trade_id, price=event.price,
-                    size=event.size, side=event.side, ts_exchange_ns=event.ts_exchange_ns, ts_recv_ns=recv_ns,
-                ))
-        elif kind is BboMsg:
-            symbol = self._symbol(event.native)
+        if kind is BboMsg:
+            symbol = self.symbols.get(event.native)
+            if symbol is None:
+                symbol = self._symbol(event.native)
             if symbol is not None:
                 self.outputs.append(TopOfBook(
                     exchange=self.exchange, symbol=symbol, seq=event.seq, bid=event.bid, bid_size=event.bid_size,
                     ask=event.ask, ask_size=event.ask_size, ts_exchange_ns=event.ts_exchange_ns or recv_ns,
                     ts_recv_ns=recv_ns,
+                ))
+        elif kind is BookMsg:
+            entry = self.books.get(event.native) or self._unknown_book(event.native)
+            if entry is not None:
+                self._apply(entry, entry.sync.on_message, event.payload, recv_ns)
+        elif kind is TradeMsg:
+            symbol = self.symbols.get(event.native)
+            if symbol is None:
+                symbol = self._symbol(event.native)
+            if symbol is not None:
+                self.outputs.append(Trade(
+                    exchange=self.exchange, symbol=symbol, trade_id=event.trade_id, price=event.price,
+                    size=event.size, side=event.side, ts_exchange_ns=event.ts_exchange_ns, ts_recv_ns=recv_ns,
                 ))
         elif kind is SnapshotMsg:
             entry = self._snapshot_owner(event.native)

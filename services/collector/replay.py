@@ -185,7 +185,8 @@ class ReplaySource:
                 core.on_disconnected(recv_ns, "reconnected")
             self._connected.add(name)
             core.on_connected(recv_ns)
-        core.actions.clear()  # a recording cannot answer requests: its snapshots arrive in-stream
+        if core.actions:
+            core.actions.clear()  # a recording cannot answer requests: its snapshots arrive in-stream
         out = core.outputs
         if out:
             core.outputs = []

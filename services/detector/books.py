@@ -10,13 +10,29 @@ non-positive) are rejected with a reason, never used.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from operator import gt, itemgetter, lt
+from typing import Any
 
 from shared.models import BookSnapshot, BookStatus, Instrument, Level, split_symbol
 from shared.money import to_decimal
+
+
+def _compiled() -> Callable[[Any, bool], bool | None] | None:
+    """The compiled check (shared/_clevels.c): the same answers, a sixth of the time."""
+    if os.environ.get("ARB_PURE_PYTHON", "") not in ("", "0"):
+        return None
+    try:
+        from shared._clevels import ordered
+    except ImportError:  # not built here (no C compiler at install time)
+        return None
+    return ordered
+
+
+_compiled_ordered = _compiled()
 
 MarketKey = tuple[str, str]
 """(exchange, unified symbol)."""
@@ -43,8 +59,17 @@ def book_problem(book: BookSnapshot) -> str | None:
 
 
 def _ordered(levels: list[Level], *, descending: bool) -> bool:
-    """Strictly monotonic, positive, finite prices and positive, finite sizes (C-level loops:
-    this runs on every update)."""
+    """Strictly monotonic, positive, finite prices and positive, finite sizes. This runs on every
+    update: compiled when built, for the (float, float) tuples books are made of."""
+    if _compiled_ordered is not None:
+        answer: bool | None = _compiled_ordered(levels, descending)
+        if answer is not None:
+            return answer
+    return ordered_levels(levels, descending=descending)
+
+
+def ordered_levels(levels: list[Level], *, descending: bool) -> bool:
+    """``_ordered``'s reference, for any levels (C-level loops)."""
     prices = list(map(_PRICE, levels))
     sizes = list(map(_SIZE, levels))
     if not (0.0 < sum(sizes) < _INF and min(sizes) > 0.0):  # a NaN or inf size makes the sum fail

@@ -37,6 +37,8 @@ from shared.models import Balance, BookSnapshot, BookStatus, FxRate, Instrument,
 from shared.money import common_step, meets_minimums, round_price, round_to_step
 
 _MS = 1_000_000
+_EDGE_SLACK_BPS = 1e-6
+"""Float slack when a bound must not fall below the edge it bounds (their arithmetic differs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,8 +388,11 @@ class SpatialDetector:
         least every remaining bound. This picks what rounding them all would, for a fraction
         of the Decimal work.
         """
+        pairs = self._crossing(base, now_ns)
+        if not pairs or self._all_cooling(base, pairs, now_ns):
+            return []
         heap: list[tuple[float, int, _SizedPair, SpatialOpportunity | None]] = []
-        for i, (buy, sell) in enumerate(self._crossing(base, now_ns)):
+        for i, (buy, sell) in enumerate(pairs):
             sized = self._size(base, buy, sell)
             if sized is not None:
                 heap.append((-sized.bound * (1 + 1e-9), i, sized, None))
@@ -410,6 +415,33 @@ class SpatialDetector:
             if not self._cooling(opp, now_ns):
                 out.append(self._signal(opp, trigger, now_ns))
         return out
+
+    def _all_cooling(self, base: str, pairs: list[tuple[_Live, _Live]], now_ns: int) -> bool:
+        """True when every crossing pair is cooling down with no room to beat its last edge by the
+        re-emit step: then whatever sizing and rounding find, nothing is signalled and no state
+        changes, so neither is done (most updates while a premium lasts).
+
+        The edge of the first unit (best bid against best ask) bounds the edge of any quantity:
+        deeper levels only sell lower and buy higher, and rounding only walks fewer of them.
+        """
+        cooldown = self._cooldown
+        step = self.config.reemit_edge_step_bps
+        extra = 1.0 + self.config.transfer_cost
+        for buy, sell in pairs:
+            bbook, bfx, bfee = buy[0], buy[1], buy[2]
+            sbook, sfx, sfee = sell[0], sell[1], sell[2]
+            held = cooldown.get((base, bbook.exchange, bbook.symbol, sbook.exchange, sbook.symbol))
+            if held is None or now_ns >= held[0]:
+                return False
+            assert bfx is not None and sfx is not None  # venues without a route never cross
+            if bbook.symbol.partition("/")[2] == sbook.symbol.partition("/")[2]:
+                pay = receive = bfx.mid  # as _size values a pair in one quote
+            else:
+                pay, receive = bfx.cost, sfx.proceeds
+            first = (sbook.bids[0][0] * receive * (1.0 - sfee) / (bbook.asks[0][0] * pay) - extra - bfee) * 10_000
+            if first + _EDGE_SLACK_BPS >= held[1] + step:
+                return False
+        return True
 
     def _cooling(self, opp: SpatialOpportunity, now_ns: int) -> bool:
         """True if this opportunity was signalled recently and its edge has not grown enough."""

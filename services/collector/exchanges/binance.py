@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 from msgspec import Struct
 
-from services.collector.book import OrderBook
+from services.collector.book import L2Book
 from services.collector.venue import (
     APPLIED,
     BUFFERED,
@@ -63,7 +63,11 @@ log = logging.getLogger(__name__)
 MS = 1_000_000
 
 
-class DepthUpdate(Struct):
+# Decoded frames hold strings, numbers and lists of them, never a cycle: ``gc=False`` spares the
+# cyclic collector from tracking the several objects every frame makes.
+
+
+class DepthUpdate(Struct, gc=False):
     E: int
     s: str
     U: int
@@ -72,13 +76,13 @@ class DepthUpdate(Struct):
     a: list[Level]
 
 
-class DepthSnapshot(Struct):
+class DepthSnapshot(Struct, gc=False):
     lastUpdateId: int
     bids: list[Level]
     asks: list[Level]
 
 
-class TradeData(Struct):
+class TradeData(Struct, gc=False):
     s: str
     p: Price
     q: Size
@@ -90,7 +94,7 @@ class TradeData(Struct):
     """``aggTrade`` carries an aggregate id instead of ``t``."""
 
 
-class BookTicker(Struct):
+class BookTicker(Struct, gc=False):
     u: int
     s: str
     b: Price
@@ -99,17 +103,17 @@ class BookTicker(Struct):
     A: Size
 
 
-class DepthFrame(Struct):
+class DepthFrame(Struct, gc=False):
     stream: str
     data: DepthUpdate
 
 
-class TradeFrame(Struct):
+class TradeFrame(Struct, gc=False):
     stream: str
     data: TradeData
 
 
-class BookTickerFrame(Struct):
+class BookTickerFrame(Struct, gc=False):
     stream: str
     data: BookTicker
 
@@ -123,12 +127,31 @@ _snapshot = msgspec.json.Decoder(DepthSnapshot, strict=False)
 _any = msgspec.json.Decoder(dict[str, Any])
 
 STREAM_PREFIX = b'{"stream":"'
+_START = len(STREAM_PREFIX)
+DEPTH, TRADE, TICKER, UNUSED, UNNAMED = range(5)
+_routes: dict[bytes, int] = {}
+"""Stream name -> what its frames are: a few names per connection, classified once each."""
+_MAX_ROUTES = 4096
+
+
+def _route(name: bytes) -> int:
+    at = name.find(b"@")
+    if at < 0:
+        return UNNAMED
+    kind = name[at + 1:]
+    if kind == b"depth" or kind.startswith(b"depth@"):
+        return DEPTH
+    if kind == b"trade" or kind == b"aggTrade":
+        return TRADE
+    if kind == b"bookTicker":
+        return TICKER
+    return UNUSED
 
 
 class BinanceBook(BookSync):
     __slots__ = ("buffer", "first_u", "max_buffer", "requested")
 
-    def __init__(self, book: OrderBook, max_buffer: int = 10_000) -> None:
+    def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
         super().__init__(book)
         self.buffer: list[DepthUpdate] = []
         self.first_u: int | None = None
@@ -281,17 +304,22 @@ class Binance(Venue):
 
     def decode(self, frame: bytes) -> Sequence[Event]:
         if frame.startswith(STREAM_PREFIX):
-            end = frame.find(b'"', len(STREAM_PREFIX))
-            at = frame.find(b"@", len(STREAM_PREFIX), end)
-            if at > 0:
-                kind = frame[at + 1:end]
-                if kind == b"depth" or kind.startswith(b"depth@"):
-                    d = _depth_frame.decode(frame).data
-                    return (BookMsg(d.s, d),)
-                if kind == b"trade" or kind == b"aggTrade":
-                    return (self._trade(_trade_frame.decode(frame).data),)
-                if kind == b"bookTicker":
-                    return (self._ticker(_ticker_frame.decode(frame).data),)
+            end = frame.find(b'"', _START)
+            name = frame[_START:end]
+            route = _routes.get(name)
+            if route is None:
+                route = _route(name)
+                if end > 0 and len(_routes) < _MAX_ROUTES:
+                    _routes[name] = route
+            if route == TICKER:  # the most frequent: built here rather than through _ticker
+                t = _ticker_frame.decode(frame).data
+                return (BboMsg(t.s, t.u, t.b, t.B, t.a, t.A, 0),)
+            if route == DEPTH:
+                d = _depth_frame.decode(frame).data
+                return (BookMsg(d.s, d),)
+            if route == TRADE:
+                return (self._trade(_trade_frame.decode(frame).data),)
+            if route == UNUSED:
                 ensure_json(frame)
                 return ()  # a stream we do not use (kline, partial depth, ...)
         if frame.startswith(b'{"lastUpdateId"'):

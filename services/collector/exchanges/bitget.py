@@ -117,6 +117,8 @@ CHANNEL = b'"channel":"'
 
 class BitgetBook(BookSync):
     __slots__ = ("seq_id",)
+    book: OrderBook
+    """The checksum covers the exchange's strings: only the reference book keeps them."""
 
     def __init__(self, book: OrderBook) -> None:
         super().__init__(book)
@@ -226,7 +228,7 @@ class Bitget(Venue):
         return [f'{{"op":"unsubscribe","args":{args}}}', f'{{"op":"subscribe","args":{args}}}']
 
     def new_book(self, native: str) -> BookSync:
-        return BitgetBook(self.new_order_book())
+        return BitgetBook(OrderBook(keep_strings=True))
 
     # ------------------------------------------------------------------ decoding
 

@@ -38,7 +38,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 from msgspec import Meta, Struct
 
-from services.collector.book import OrderBook
+from services.collector.book import L2Book
 from services.collector.venue import (
     APPLIED,
     BUFFERED,
@@ -146,7 +146,7 @@ CHANNEL = b'"channel":"'
 class GateBook(BookSync):
     __slots__ = ("buffer", "first_start", "max_buffer", "requested")
 
-    def __init__(self, book: OrderBook, max_buffer: int = 10_000) -> None:
+    def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
         super().__init__(book)
         self.buffer: list[BookPush] = []
         self.first_start: int | None = None

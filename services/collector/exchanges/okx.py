@@ -136,6 +136,8 @@ def parsed(levels: Sequence[Sequence[str]]) -> list[ParsedLevel]:
 
 class OkxBook(BookSync):
     __slots__ = ("seq_id",)
+    book: OrderBook
+    """The checksum covers the exchange's strings: only the reference book keeps them."""
 
     def __init__(self, book: OrderBook) -> None:
         super().__init__(book)
@@ -239,7 +241,7 @@ class Okx(Venue):
         return [f'{{"op":"unsubscribe","args":{args}}}', f'{{"op":"subscribe","args":{args}}}']
 
     def new_book(self, native: str) -> BookSync:
-        return OkxBook(self.new_order_book())
+        return OkxBook(OrderBook(keep_strings=True))
 
     # ------------------------------------------------------------------ decoding
 

@@ -87,20 +87,41 @@ SATOSHI = Decimal("0.00000001")
 MIN_NOTIONAL = {"BTC": Decimal("0.00005"), "USDT": Decimal("0.5")}
 
 
-class UnitSimple(Struct):
+# Decoded frames hold strings, numbers and lists of them, never a cycle: ``gc=False`` spares the
+# cyclic collector from tracking the several objects every frame makes.
+
+
+class UnitSimple(Struct, gc=False):
     ap: NonNeg
     bp: NonNeg
     as_: NonNeg = field(name="as")
     bs: NonNeg
 
 
-class OrderbookSimple(Struct, tag_field="ty", tag="orderbook"):
+class OrderbookSimple(Struct, tag_field="ty", tag="orderbook", gc=False):
     cd: str
     tms: int
     obu: list[UnitSimple]
 
 
-class TradeSimple(Struct, tag_field="ty", tag="trade"):
+class FullUnitSimple(Struct, gc=False):
+    """A unit whose four figures are all positive: no padding, nothing to filter."""
+
+    ap: Positive
+    bp: Positive
+    as_: Positive = field(name="as")
+    bs: Positive
+
+
+class FullOrderbookSimple(Struct, tag_field="ty", tag="orderbook", gc=False):
+    """The usual book message: every unit priced and sized on both sides."""
+
+    cd: str
+    tms: int
+    obu: list[FullUnitSimple]
+
+
+class TradeSimple(Struct, tag_field="ty", tag="trade", gc=False):
     cd: str
     ttms: int
     tp: Positive
@@ -109,20 +130,20 @@ class TradeSimple(Struct, tag_field="ty", tag="trade"):
     sid: int
 
 
-class Unit(Struct):
+class Unit(Struct, gc=False):
     ask_price: NonNeg
     bid_price: NonNeg
     ask_size: NonNeg
     bid_size: NonNeg
 
 
-class Orderbook(Struct, tag_field="type", tag="orderbook"):
+class Orderbook(Struct, tag_field="type", tag="orderbook", gc=False):
     code: str
     timestamp: int
     orderbook_units: list[Unit]
 
 
-class TradeDefault(Struct, tag_field="type", tag="trade"):
+class TradeDefault(Struct, tag_field="type", tag="trade", gc=False):
     code: str
     trade_timestamp: int
     trade_price: Positive
@@ -132,12 +153,19 @@ class TradeDefault(Struct, tag_field="type", tag="trade"):
 
 
 _simple = msgspec.json.Decoder(OrderbookSimple | TradeSimple)
+_simple_full = msgspec.json.Decoder(FullOrderbookSimple | TradeSimple)
 _default = msgspec.json.Decoder(Orderbook | TradeDefault)
 _any: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 
 SIMPLE_PREFIX = b'{"ty":"'
 DEFAULT_PREFIX = b'{"type":"'
 KNOWN = (b"orderbook", b"trade")
+
+
+def _kind(frame: bytes, start: int) -> bytes:
+    """The message type named right after the prefix (up to its closing quote)."""
+    end = frame.find(b'"', start)
+    return frame[start:end if end >= 0 else len(frame)]
 
 
 def _side(levels: list[tuple[float, float]]) -> list[Level]:
@@ -158,7 +186,7 @@ class UpbitBook(BookSync):
         tms, bids, asks = m
         if not bids and not asks:
             raise Malformed("empty_book")
-        if bids and asks and max(p for p, _ in bids) >= min(p for p, _ in asks):
+        if bids and asks and max(bids)[0] >= min(asks)[0]:  # the highest bid, the lowest ask
             raise Malformed("crossed")
         if tms < self.seq:
             return IGNORED  # older than the book we have
@@ -260,12 +288,15 @@ class Upbit(Venue):
 
     def decode(self, frame: bytes) -> Sequence[Event]:
         if frame.startswith(SIMPLE_PREFIX):
-            if frame[len(SIMPLE_PREFIX):].split(b'"', 1)[0] not in KNOWN:
+            if _kind(frame, len(SIMPLE_PREFIX)) not in KNOWN:
                 ensure_json(frame)
                 return ()  # ticker and other types
-            msg: Any = _simple.decode(frame)
+            try:  # the usual full book, read without filtering its units
+                msg: Any = _simple_full.decode(frame)
+            except msgspec.ValidationError:  # padding or a figure out of range: the general rules decide
+                msg = _simple.decode(frame)
         elif frame.startswith(DEFAULT_PREFIX):
-            if frame[len(DEFAULT_PREFIX):].split(b'"', 1)[0] not in KNOWN:
+            if _kind(frame, len(DEFAULT_PREFIX)) not in KNOWN:
                 ensure_json(frame)
                 return ()
             msg = _default.decode(frame)
@@ -292,13 +323,24 @@ class Upbit(Venue):
     @staticmethod
     def _event(msg: Any) -> Event:
         kind = type(msg)
+        if kind is FullOrderbookSimple:
+            units = msg.obu
+            return BookMsg(msg.cd, (msg.tms, [(u.bp, u.bs) for u in units], [(u.ap, u.as_) for u in units]))
         if kind is OrderbookSimple:
-            bids = _side([(u.bp, u.bs) for u in msg.obu])
-            asks = _side([(u.ap, u.as_) for u in msg.obu])
+            units = msg.obu
+            bids = [(u.bp, u.bs) for u in units if u.bp > 0 and u.bs > 0]
+            asks = [(u.ap, u.as_) for u in units if u.ap > 0 and u.as_ > 0]
+            if len(bids) < len(units) or len(asks) < len(units):  # padding, or a broken level: the full rules
+                bids = _side([(u.bp, u.bs) for u in units])
+                asks = _side([(u.ap, u.as_) for u in units])
             return BookMsg(msg.cd, (msg.tms, bids, asks))
         if kind is Orderbook:
-            bids = _side([(u.bid_price, u.bid_size) for u in msg.orderbook_units])
-            asks = _side([(u.ask_price, u.ask_size) for u in msg.orderbook_units])
+            units = msg.orderbook_units
+            bids = [(u.bid_price, u.bid_size) for u in units if u.bid_price > 0 and u.bid_size > 0]
+            asks = [(u.ask_price, u.ask_size) for u in units if u.ask_price > 0 and u.ask_size > 0]
+            if len(bids) < len(units) or len(asks) < len(units):
+                bids = _side([(u.bid_price, u.bid_size) for u in units])
+                asks = _side([(u.ask_price, u.ask_size) for u in units])
             return BookMsg(msg.code, (msg.timestamp, bids, asks))
         if kind is TradeSimple:
             return _trade(msg.cd, str(msg.sid), msg.tp, msg.tv, msg.ab, msg.ttms)
