@@ -318,6 +318,7 @@ async def _check_and_reserve(url: str, n: int) -> dict[str, Any]:
         keys = [k async for k in bus.redis.scan_iter(match=f"arbitrage:{{guard:development:{session}}}*")]
         if keys:
             await bus.redis.delete(*keys)
+        await state.close()
         await bus.close()
     d, p = percentiles(decide), percentiles(ping)
     return {"decide_evalsha": d, "ping": p, "core_python": percentiles(core),

@@ -381,6 +381,13 @@ class RiskBook:
         )
         return Verdict(decision, None, self._reject_alerts(decision, now_ns))
 
+    def approval(self, signal: Signal, assessed: Assessment, now_ns: int) -> Verdict:
+        """What approving ``assessed`` publishes, as ``decided`` would build it for a first approval: made
+        before the state answers, so the state can publish it in the same atomic step as the reservation."""
+        req = assessed.request
+        outcome = DecideOutcome(reasons.APPROVED, req.ts_ns, req.notional, req.intent_expires_ns)
+        return self.decided(signal, assessed, outcome, now_ns)
+
     def decided(self, signal: Signal, assessed: Assessment, outcome: DecideOutcome, now_ns: int) -> Verdict:
         """The published result of a signal the state decided: the decision, and the intent if approved."""
         arb = assessed.request.arb_id

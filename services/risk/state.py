@@ -128,6 +128,8 @@ class DecideOutcome:
     cap: str = ""
     finished: bool = False
     """A repeat of an arbitrage that is already settled: nothing to send again."""
+    published: bool = False
+    """The state itself published the approval (intent and decision) and acknowledged the signal."""
 
     @property
     def approved(self) -> bool:
@@ -138,9 +140,10 @@ class DecideOutcome:
                          self.subject, self.current, self.amount, self.cap))
 
     @classmethod
-    def from_stored(cls, value: str, *, duplicate: bool) -> DecideOutcome:
+    def from_stored(cls, value: str, *, duplicate: bool, published: bool = False) -> DecideOutcome:
         reason, ts_ns, notional, expires_ns, subject, current, amount, cap = value.split(SEP)
-        return cls(reason, int(ts_ns), int(notional), int(expires_ns), duplicate, subject, current, amount, cap)
+        return cls(reason, int(ts_ns), int(notional), int(expires_ns), duplicate, subject, current, amount, cap,
+                   published=published)
 
 
 @dataclass(frozen=True, slots=True)
