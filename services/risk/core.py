@@ -141,6 +141,52 @@ def _finite_positive(value: Decimal) -> bool:
     return value.is_finite() and value > 0
 
 
+class _Names:
+    """The counter and cooldown names of a reservation, and the limits that go with them, made once
+    per asset, exchange or venue set rather than on every signal (bound to one ``RiskLimits``)."""
+
+    __slots__ = ("_balances", "_coins", "_exchanges", "_symbols", "_venues", "limits", "open_claim")
+
+    def __init__(self, limits: RiskLimits) -> None:
+        self.limits = limits
+        self.open_claim = Claim("open", 1, limits.max_open_arbitrages, reasons.MAX_OPEN)
+        self._coins: dict[str, str] = {}
+        self._symbols: dict[str, str] = {}
+        self._venues: dict[tuple[str, ...], str] = {}
+        self._exchanges: dict[str, tuple[str, int]] = {}
+        self._balances: dict[tuple[str, str], str] = {}
+
+    def coin(self, asset: str) -> str:
+        name = self._coins.get(asset)
+        if name is None:
+            name = self._coins[asset] = f"x:coin:{asset}"
+        return name
+
+    def symbol_cooldown(self, asset: str) -> str:
+        name = self._symbols.get(asset)
+        if name is None:
+            name = self._symbols[asset] = f"s:{asset}"
+        return name
+
+    def venue_cooldown(self, exchanges: tuple[str, ...]) -> str:
+        name = self._venues.get(exchanges)
+        if name is None:
+            name = self._venues[exchanges] = "v:" + "|".join(sorted(exchanges))
+        return name
+
+    def exchange(self, exchange: str) -> tuple[str, int]:
+        found = self._exchanges.get(exchange)
+        if found is None:
+            found = self._exchanges[exchange] = (f"x:ex:{exchange}", self.limits.exchange_cap(exchange))
+        return found
+
+    def reserved_balance(self, exchange: str, asset: str) -> str:
+        name = self._balances.get((exchange, asset))
+        if name is None:
+            name = self._balances[(exchange, asset)] = f"rb:{exchange}:{asset}"
+        return name
+
+
 class RiskBook:
     def __init__(self, limits: RiskLimits, *, env: str, session: str) -> None:
         self.limits = limits
@@ -151,6 +197,7 @@ class RiskBook:
         self.instruments: dict[str, dict[str, Instrument]] = {}
         self._alerted: dict[str, tuple[int, int]] = {}
         """Reject reason -> (last alert time, rejections since): per-signal alerts are throttled."""
+        self._names_cache: _Names | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -179,31 +226,38 @@ class RiskBook:
 
     def _assess(self, signal: Signal, now_ns: int) -> Assessment:
         lim = self.limits
-        self._validate(signal, now_ns)
+        parts = self._validate(signal, now_ns)
         age = now_ns - signal.ts_ns
         if age > lim.max_signal_age_ns:
             raise _Reject(reasons.STALE_SIGNAL,
                           f"signal is {age / 1e6:.0f} ms old > {lim.max_signal_age_ns / 1e6:.0f} ms")
-        rates = self._rates(signal, now_ns)
+        rates = self._rates(signal, now_ns, parts)
         sym = lim.for_asset(signal.asset)
-        for leg in signal.legs:
-            book_age = leg.book_age_ns + max(0, age)
+        legs = signal.legs
+        waited = max(0, age)
+        for leg in legs:
+            book_age = leg.book_age_ns + waited
             if book_age > sym.max_book_age_ns:
                 raise _Reject(reasons.STALE_BOOK, f"{leg.exchange} {leg.symbol} book is {book_age / 1e6:.0f} ms old "
                                                   f"> {sym.max_book_age_ns / 1e6:.0f} ms")
-        leg_units = [units_up(leg.price * leg.quantity / rates[_parts(leg.symbol)[1]]) for leg in signal.legs]
+        # legs quoted in the reference currency (the sentinel rate) need no division: x / 1 is x exactly
+        values = [leg.price * leg.quantity for leg in legs]
+        quoted = [rates[quote] for _, quote in parts]
+        leg_units = [units_up(v if r is _ONE else v / r) for v, r in zip(values, quoted, strict=True)]
         notional = max(max(leg_units), units_of_float(signal.notional))
         if notional > sym.max_notional_per_trade:
             raise _Reject(reasons.MAX_NOTIONAL, f"notional {to_float(notional):.2f} > "
                                                 f"{to_float(sym.max_notional_per_trade):.2f} {lim.reference_currency}")
         try:
-            self._anomaly(signal, rates, now_ns, sym.max_price_deviation, sym.max_venue_deviation)
+            self._anomaly(signal, parts, quoted, now_ns, sym.max_price_deviation, sym.max_venue_deviation)
         finally:
-            for leg in signal.legs:
-                self.market.observe(leg.exchange, leg.symbol, leg.price, signal.ts_ns)
-        return self._request(signal, now_ns, notional, leg_units)
+            market = self.market
+            for leg, (base, quote) in zip(legs, parts, strict=True):
+                market.observe_parts(leg.exchange, leg.symbol, base, quote, leg.price, signal.ts_ns)
+        return self._request(signal, now_ns, notional, leg_units, parts, values)
 
-    def _validate(self, signal: Signal, now_ns: int) -> None:
+    def _validate(self, signal: Signal, now_ns: int) -> list[tuple[str, str]]:
+        """Raises ``_Reject`` (invalid); returns each leg's (base, quote)."""
         def bad(detail: str) -> _Reject:
             return _Reject(reasons.INVALID, detail)
 
@@ -214,6 +268,7 @@ class RiskBook:
         if len(signal.legs) > ids.MAX_LEGS:
             raise bad(f"too many legs ({len(signal.legs)})")
         seen: set[tuple[str, str, str]] = set()
+        parts: list[tuple[str, str]] = []
         for i, leg in enumerate(signal.legs):
             if not _finite_positive(leg.quantity):
                 raise bad(f"leg {i}: quantity must be positive, got {leg.quantity}")
@@ -222,7 +277,7 @@ class RiskBook:
             if leg.book_age_ns < 0:
                 raise bad(f"leg {i}: negative book age")
             try:
-                _parts(leg.symbol)
+                parts.append(_parts(leg.symbol))
             except ValueError:
                 raise bad(f"leg {i}: {leg.symbol!r} is not a BASE/QUOTE symbol") from None
             markets = self.limits.exchanges.get(leg.exchange)
@@ -241,12 +296,13 @@ class RiskBook:
                 raise bad(f"leg {i}: duplicate leg {leg.side} {leg.symbol} on {leg.exchange}")
             seen.add(key)
         # The asset names the per-coin exposure: it must be one the legs trade.
-        if not _ASSET.match(signal.asset) or all(signal.asset not in _parts(leg.symbol) for leg in signal.legs):
+        if not _ASSET.match(signal.asset) or all(signal.asset not in p for p in parts):
             raise bad(f"asset {signal.asset!r} is not traded by the legs")
         if not (math.isfinite(signal.notional) and signal.notional > 0):
             raise bad(f"notional must be a positive number, got {signal.notional!r}")
         if signal.ts_ns - now_ns > self.limits.max_clock_skew_ns:
             raise bad(f"signal time is {(signal.ts_ns - now_ns) / 1e6:.0f} ms in the future")
+        return parts
 
     @staticmethod
     def _check_instrument(i: int, leg: SignalLeg, instrument: Instrument) -> None:
@@ -258,15 +314,16 @@ class RiskBook:
         if not meets_minimums(instrument, leg.price, leg.quantity):
             raise _Reject(reasons.INVALID, f"leg {i}: below the minimum size of {leg.exchange} {leg.symbol}")
 
-    def _rates(self, signal: Signal, now_ns: int) -> dict[str, Decimal]:
-        """Units of each quote currency per reference unit, checking FX age."""
+    def _rates(self, signal: Signal, now_ns: int, parts: list[tuple[str, str]]) -> dict[str, Decimal]:
+        """Units of each quote currency per reference unit, checking FX age. The reference's own
+        rate is the ``_ONE`` sentinel (callers skip dividing by it)."""
         lim = self.limits
         ref = lim.reference_currency
         rates: dict[str, Decimal] = {ref: _ONE}
-        in_signal = {_parts(leg.symbol)[0]: leg.price for leg in signal.legs
-                     if _parts(leg.symbol)[1] == ref}
-        for leg in signal.legs:
-            quote = _parts(leg.symbol)[1]
+        if all(quote == ref for _, quote in parts):
+            return rates
+        in_signal = {base: leg.price for leg, (base, quote) in zip(signal.legs, parts, strict=True) if quote == ref}
+        for leg, (_, quote) in zip(signal.legs, parts, strict=True):
             if quote in rates:
                 continue
             fx = self.market.fx_quote(quote)
@@ -286,16 +343,16 @@ class RiskBook:
                 raise _Reject(reasons.STALE_FX, f"no {ref}/{quote} rate to value the {leg.symbol} leg")
         return rates
 
-    def _anomaly(self, signal: Signal, rates: dict[str, Decimal], now_ns: int,
+    def _anomaly(self, signal: Signal, parts: list[tuple[str, str]], quoted: list[Decimal], now_ns: int,
                  max_price_deviation: float, max_venue_deviation: float) -> None:
         lim = self.limits
         by_base: dict[str, list[tuple[float, SignalLeg]]] = {}
-        for leg in signal.legs:
-            base, quote = _parts(leg.symbol)
-            by_base.setdefault(base, []).append((float(leg.price / rates[quote]), leg))
+        for leg, (base, _), rate in zip(signal.legs, parts, quoted, strict=True):
+            price = float(leg.price)
+            by_base.setdefault(base, []).append((price if rate is _ONE else float(leg.price / rate), leg))
             median = self.market.median(leg.exchange, leg.symbol, now_ns, lim.price_window_min_samples)
             if median is not None and median > 0:
-                off = abs(float(leg.price) / median - 1)
+                off = abs(price / median - 1)
                 if off > max_price_deviation:
                     raise _Reject(reasons.ANOMALY, f"{leg.exchange} {leg.symbol} price {leg.price} is {off:.2%} off "
                                                    f"its {lim.price_window_ns / 1e9:.0f} s median {median:g} "
@@ -310,43 +367,50 @@ class RiskBook:
                 raise _Reject(reasons.ANOMALY, f"{base} is {spread:.2%} apart between {lo[1].exchange} and "
                                                f"{hi[1].exchange} (max {max_venue_deviation:.2%})")
 
-    def _request(self, signal: Signal, now_ns: int, notional: int, leg_units: list[int]) -> Assessment:
+    def _request(self, signal: Signal, now_ns: int, notional: int, leg_units: list[int],
+                 parts: list[tuple[str, str]], values: list[Decimal]) -> Assessment:
+        """What approving the signal reserves. ``values`` are the legs' price x quantity."""
         lim = self.limits
-        sym = lim.for_asset(signal.asset)
+        names = self._names()
+        asset = signal.asset
+        sym = lim.for_asset(asset)
         arb = self.arb_id(signal.signal_id)
         now_ms = now_ns // 1_000_000
         intent_expires_ns = now_ns + lim.intent_ttl_ns
         expires_ms = -(-intent_expires_ns // 1_000_000) + lim.reservation_grace_ms
-        exchanges = list(dict.fromkeys(leg.exchange for leg in signal.legs))
-        venue = "|".join(sorted(exchanges))
+        legs = signal.legs
+        orders: dict[str, int] = {}  # exchanges in the order the legs name them
+        per_exchange: dict[str, int] = {}
+        for leg, units in zip(legs, leg_units, strict=True):
+            ex = leg.exchange
+            orders[ex] = orders.get(ex, 0) + 1
+            per_exchange[ex] = per_exchange.get(ex, 0) + units
         cooldowns = (
-            CooldownClaim(f"s:{signal.asset}", now_ms + sym.cooldown_ms if sym.cooldown_ms else 0,
+            CooldownClaim(names.symbol_cooldown(asset), now_ms + sym.cooldown_ms if sym.cooldown_ms else 0,
                           reasons.COOLDOWN_SYMBOL),
-            CooldownClaim(f"v:{venue}", now_ms + lim.venue_pair_cooldown_ms if lim.venue_pair_cooldown_ms else 0,
+            CooldownClaim(names.venue_cooldown(tuple(orders)),
+                          now_ms + lim.venue_pair_cooldown_ms if lim.venue_pair_cooldown_ms else 0,
                           reasons.COOLDOWN_VENUE),
         )
-        orders = {ex: sum(1 for leg in signal.legs if leg.exchange == ex) for ex in exchanges}
-        per_exchange = {ex: 0 for ex in exchanges}
-        for leg, units in zip(signal.legs, leg_units, strict=True):
-            per_exchange[leg.exchange] += units
         claims = [
-            Claim("open", 1, lim.max_open_arbitrages, reasons.MAX_OPEN),
+            names.open_claim,
             Claim("x:total", notional, lim.max_total_exposure, reasons.EXPOSURE_TOTAL),
-            Claim(f"x:coin:{signal.asset}", notional, sym.max_exposure, reasons.EXPOSURE_COIN),
+            Claim(names.coin(asset), notional, sym.max_exposure, reasons.EXPOSURE_COIN),
         ]
-        claims += [Claim(f"x:ex:{ex}", units, lim.exchange_cap(ex), reasons.EXPOSURE_EXCHANGE)
-                   for ex, units in per_exchange.items()]
+        for ex, units in per_exchange.items():
+            field_name, cap = names.exchange(ex)
+            claims.append(Claim(field_name, units, cap, reasons.EXPOSURE_EXCHANGE))
         needs: dict[tuple[str, str], int] = {}
-        for leg in signal.legs:
-            base, quote = _parts(leg.symbol)
+        for leg, (base, quote), value in zip(legs, parts, values, strict=True):
             if leg.side == "buy":
-                key, amount = (leg.exchange, quote), leg.price * leg.quantity * (_ONE + self._taker_fee(leg))
+                key, amount = (leg.exchange, quote), value * (_ONE + self._taker_fee(leg))
             else:
                 key, amount = (leg.exchange, base), leg.quantity
             needs[key] = needs.get(key, 0) + units_up(amount)
-        balances = tuple(BalanceClaim(ex, asset, units) for (ex, asset), units in needs.items())
-        counters = [(c.field, c.units) for c in claims] + [(f"rb:{b.key}", b.units) for b in balances]
-        if any(units > MAX_AMOUNT_UNITS for _, units in counters):
+        balances = tuple(BalanceClaim(ex, a, units) for (ex, a), units in needs.items())
+        counters = [(c.field, c.units) for c in claims]
+        counters += [(names.reserved_balance(b.exchange, b.asset), b.units) for b in balances]
+        if max(units for _, units in counters) > MAX_AMOUNT_UNITS:
             raise _Reject(reasons.INVALID, "an amount exceeds 1e9 units of its asset")
         request = DecideRequest(
             signal_id=signal.signal_id, arb_id=arb, ts_ns=now_ns, now_ms=now_ms,
@@ -362,6 +426,12 @@ class RiskBook:
             cooldowns={c.field: c.until_ms for c in cooldowns if c.until_ms > now_ms}, orders=orders,
         )
         return Assessment(request, reservation)
+
+    def _names(self) -> _Names:
+        names = self._names_cache
+        if names is None or names.limits is not self.limits:
+            names = self._names_cache = _Names(self.limits)
+        return names
 
     def _taker_fee(self, leg: SignalLeg) -> Decimal:
         instrument = self.instruments.get(leg.exchange, {}).get(leg.symbol)

@@ -241,33 +241,32 @@ class RedisRiskState:
     def _decide_frame(self, req: DecideRequest, pub: Publication | None) -> bytes:
         """One ``EVALSHA`` of DECIDE in the Redis protocol (RESP), built directly: the generic
         client's packing costs more than the script's own run."""
-        args: list[Any] = [
-            req.now_ms, req.signal_id, req.arb_id, req.ts_ns, req.notional, req.intent_expires_ns, req.expires_ms,
-            req.verdict_retention_ms, req.day, req.daily_loss_limit, req.starting_equity, repr(req.max_drawdown),
-            "1" if req.require_balances else "0", req.record, req.rate_window_ms, len(req.cooldowns),
+        sep = SEP
+        limits = (f"{req.daily_loss_limit}{sep}{req.starting_equity}{sep}{req.max_drawdown!r}{sep}"
+                  f"{'1' if req.require_balances else '0'}")
+        parts = [
+            f"{req.now_ms}{sep}{req.signal_id}{sep}{req.arb_id}{sep}{req.ts_ns}{sep}{req.notional}{sep}"
+            f"{req.intent_expires_ns}{sep}{req.expires_ms}{sep}{req.verdict_retention_ms}{sep}{req.day}{sep}"
+            f"{limits}{sep}{req.record}{sep}{req.rate_window_ms}{sep}{len(req.cooldowns)}"
         ]
-        for c in req.cooldowns:
-            args += (c.field, c.until_ms, c.reason)
-        args.append(len(req.rates))
-        rate_keys = b"".join(self._orders_bulk(r.exchange) for r in req.rates)
-        for r in req.rates:
-            args += (r.exchange, r.orders, r.limit)
-        args.append(len(req.claims))
-        for cl in req.claims:
-            args += (cl.field, cl.units, cl.cap, cl.reason)
-        args.append(len(req.balances))
-        for b in req.balances:
-            args += (b.key, b.units)
-        packed = _bulk(SEP.join(map(str, args)).encode())
+        parts += [f"{c.field}{sep}{c.until_ms}{sep}{c.reason}" for c in req.cooldowns]
+        parts.append(str(len(req.rates)))
+        parts += [f"{r.exchange}{sep}{r.orders}{sep}{r.limit}" for r in req.rates]
+        parts.append(str(len(req.claims)))
+        parts += [f"{c.field}{sep}{c.units}{sep}{c.cap}{sep}{c.reason}" for c in req.claims]
+        parts.append(str(len(req.balances)))
+        parts += [f"{b.exchange}:{b.asset}{sep}{b.units}" for b in req.balances]
+        packed = _bulk(sep.join(parts).encode())
+        rate_keys = b"".join([self._orders_bulk(r.exchange) for r in req.rates])
         nkeys = _FIXED_KEYS + len(req.rates)
         if pub is None or self._publish_bulks is None:
             return b"".join((b"*%d\r\n" % (3 + nkeys + 1), self._evalsha, _bulk(b"%d" % nkeys), self._fixed_keys,
                              rate_keys, packed))
-        streams, tail = self._publish_bulks
+        streams, (group, maxlen) = self._publish_bulks
         nkeys += 3
         return b"".join((b"*%d\r\n" % (3 + nkeys + 6), self._evalsha, _bulk(b"%d" % nkeys), self._fixed_keys,
-                         rate_keys, streams, packed, _bulk(pub.entry_id), tail[0], _bulk(pub.intent),
-                         _bulk(pub.decision), tail[1]))
+                         rate_keys, streams, packed, _bulk(pub.entry_id), group, _bulk(pub.intent),
+                         _bulk(pub.decision), maxlen))
 
     def _orders_bulk(self, exchange: str) -> bytes:
         cached = self._orders_keys.get(exchange)
