@@ -222,17 +222,18 @@ class RiskService(Service):
         else:
             self._pending.append(_Pending(msg, assessed, None, now_ns, started, d.entry_id))
 
-    async def decide_batch(self) -> None:
+    async def decide_batch(self) -> set[tuple[str, bytes]]:
         """Stage two, before the batch is acknowledged: check-and-reserve what passed, publish every verdict.
 
         An approval is published by the deciding script itself, which also acknowledges its signal
-        (one round trip for the batch); other verdicts go out through the producer with the batch's
-        acknowledgements. Safe to retry: the state answers a signal it already decided with the same
-        verdict.
+        (returned, so the consumer does not acknowledge it again): a batch of approvals costs one
+        round trip. Other verdicts go out through the producer with the batch's acknowledgements.
+        Safe to retry: the state answers a signal it already decided with the same verdict.
         """
         pending = self._pending
+        acked: set[tuple[str, bytes]] = set()
         if not pending:
-            return
+            return acked
         publish = self.state.publish is not None
         requests: list[DecideRequest] = []
         publications: list[Publication | None] = []
@@ -264,6 +265,7 @@ class RiskService(Service):
                     assert approval is not None
                     p.verdict = approval
                     published += 1
+                    acked.add((SIGNALS, p.entry_id))
                     m.DECISIONS.labels(reasons.APPROVED).inc()
                     m.DECISION_SECONDS.observe(time.perf_counter() - p.started)
                     continue
@@ -276,6 +278,7 @@ class RiskService(Service):
             self._published_orders.inc(published)
             self._published_decisions.inc(published)
         self._pending = []
+        return acked
 
     async def _decide(self, requests: list[DecideRequest],
                       publications: list[Publication | None] | None) -> list[DecideOutcome | ResponseError]:
