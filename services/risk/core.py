@@ -141,50 +141,79 @@ def _finite_positive(value: Decimal) -> bool:
     return value.is_finite() and value > 0
 
 
-class _Names:
-    """The counter and cooldown names of a reservation, and the limits that go with them, made once
-    per asset, exchange or venue set rather than on every signal (bound to one ``RiskLimits``)."""
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What approving a signal reserves, but for the amounts and times: every counter and cooldown
+    name, cap, reason and order count. It depends only on the signal's asset and legs (exchange,
+    symbol, side), the limits and the taker fees, so it is made once per such shape."""
 
-    __slots__ = ("_balances", "_coins", "_exchanges", "_symbols", "_venues", "limits", "open_claim")
+    symbol_cooldown: str
+    symbol_cooldown_ms: int
+    venue_cooldown: str
+    coin: str
+    coin_cap: int
+    exchanges: tuple[tuple[str, int], ...]
+    """(``x:ex:<exchange>``, cap) per exchange, in the order the legs name them."""
+    leg_exchange: tuple[int, ...]
+    """Each leg's index in ``exchanges``."""
+    balances: tuple[tuple[str, str, str], ...]
+    """(exchange, asset, ``rb:<exchange>:<asset>``) per balance the legs draw on, in leg order."""
+    leg_balance: tuple[int, ...]
+    """Each leg's index in ``balances``."""
+    buy_factor: tuple[Decimal | None, ...]
+    """Per leg: 1 + taker fee for a buy (it pays price x quantity x that in the quote), None for a sell."""
+    rates: tuple[RateClaim, ...]
+    orders: tuple[tuple[str, int], ...]
+
+
+class _Shapes:
+    """``_Shape``s by (asset, legs), for one ``RiskLimits`` and one set of instruments."""
+
+    MAX = 4096
+    """Shapes are bounded by the configured markets; a flood of odd ones only empties the cache."""
+
+    __slots__ = ("_shapes", "limits", "open_claim")
 
     def __init__(self, limits: RiskLimits) -> None:
         self.limits = limits
         self.open_claim = Claim("open", 1, limits.max_open_arbitrages, reasons.MAX_OPEN)
-        self._coins: dict[str, str] = {}
-        self._symbols: dict[str, str] = {}
-        self._venues: dict[tuple[str, ...], str] = {}
-        self._exchanges: dict[str, tuple[str, int]] = {}
-        self._balances: dict[tuple[str, str], str] = {}
+        self._shapes: dict[tuple[str, tuple[tuple[str, str, str], ...]], _Shape] = {}
 
-    def coin(self, asset: str) -> str:
-        name = self._coins.get(asset)
-        if name is None:
-            name = self._coins[asset] = f"x:coin:{asset}"
-        return name
+    def get(self, book: RiskBook, signal: Signal, parts: list[tuple[str, str]]) -> _Shape:
+        key = (signal.asset, tuple([(leg.exchange, leg.symbol, leg.side) for leg in signal.legs]))
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= self.MAX:
+                self._shapes.clear()
+            shape = self._shapes[key] = self._make(book, signal, parts)
+        return shape
 
-    def symbol_cooldown(self, asset: str) -> str:
-        name = self._symbols.get(asset)
-        if name is None:
-            name = self._symbols[asset] = f"s:{asset}"
-        return name
-
-    def venue_cooldown(self, exchanges: tuple[str, ...]) -> str:
-        name = self._venues.get(exchanges)
-        if name is None:
-            name = self._venues[exchanges] = "v:" + "|".join(sorted(exchanges))
-        return name
-
-    def exchange(self, exchange: str) -> tuple[str, int]:
-        found = self._exchanges.get(exchange)
-        if found is None:
-            found = self._exchanges[exchange] = (f"x:ex:{exchange}", self.limits.exchange_cap(exchange))
-        return found
-
-    def reserved_balance(self, exchange: str, asset: str) -> str:
-        name = self._balances.get((exchange, asset))
-        if name is None:
-            name = self._balances[(exchange, asset)] = f"rb:{exchange}:{asset}"
-        return name
+    def _make(self, book: RiskBook, signal: Signal, parts: list[tuple[str, str]]) -> _Shape:
+        lim = self.limits
+        sym = lim.for_asset(signal.asset)
+        exchanges: dict[str, int] = {}
+        orders: dict[str, int] = {}
+        balances: dict[tuple[str, str], int] = {}
+        leg_exchange: list[int] = []
+        leg_balance: list[int] = []
+        buy_factor: list[Decimal | None] = []
+        for leg, (base, quote) in zip(signal.legs, parts, strict=True):
+            leg_exchange.append(exchanges.setdefault(leg.exchange, len(exchanges)))
+            orders[leg.exchange] = orders.get(leg.exchange, 0) + 1
+            key = (leg.exchange, quote if leg.side == "buy" else base)
+            leg_balance.append(balances.setdefault(key, len(balances)))
+            buy_factor.append(_ONE + book._taker_fee(leg) if leg.side == "buy" else None)
+        return _Shape(
+            symbol_cooldown=f"s:{signal.asset}", symbol_cooldown_ms=sym.cooldown_ms,
+            venue_cooldown="v:" + "|".join(sorted(exchanges)),
+            coin=f"x:coin:{signal.asset}", coin_cap=sym.max_exposure,
+            exchanges=tuple((f"x:ex:{ex}", lim.exchange_cap(ex)) for ex in exchanges),
+            leg_exchange=tuple(leg_exchange),
+            balances=tuple((ex, asset, f"rb:{ex}:{asset}") for ex, asset in balances),
+            leg_balance=tuple(leg_balance), buy_factor=tuple(buy_factor),
+            rates=tuple(RateClaim(ex, n, lim.order_rate_limit) for ex, n in orders.items()),
+            orders=tuple(orders.items()),
+        )
 
 
 class RiskBook:
@@ -197,7 +226,7 @@ class RiskBook:
         self.instruments: dict[str, dict[str, Instrument]] = {}
         self._alerted: dict[str, tuple[int, int]] = {}
         """Reject reason -> (last alert time, rejections since): per-signal alerts are throttled."""
-        self._names_cache: _Names | None = None
+        self._shapes_cache: _Shapes | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -209,6 +238,7 @@ class RiskBook:
 
     def set_instruments(self, exchange: str, instruments: Iterable[Instrument]) -> None:
         self.instruments[exchange] = {i.symbol: i for i in instruments}
+        self._shapes_cache = None  # their taker fees are in the shapes
 
     def on_fx(self, fx: FxRate) -> None:
         self.market.on_fx(fx)
@@ -371,45 +401,34 @@ class RiskBook:
                  parts: list[tuple[str, str]], values: list[Decimal]) -> Assessment:
         """What approving the signal reserves. ``values`` are the legs' price x quantity."""
         lim = self.limits
-        names = self._names()
-        asset = signal.asset
-        sym = lim.for_asset(asset)
+        shapes = self._shapes()
+        shape = shapes.get(self, signal, parts)
         arb = self.arb_id(signal.signal_id)
         now_ms = now_ns // 1_000_000
         intent_expires_ns = now_ns + lim.intent_ttl_ns
         expires_ms = -(-intent_expires_ns // 1_000_000) + lim.reservation_grace_ms
-        legs = signal.legs
-        orders: dict[str, int] = {}  # exchanges in the order the legs name them
-        per_exchange: dict[str, int] = {}
-        for leg, units in zip(legs, leg_units, strict=True):
-            ex = leg.exchange
-            orders[ex] = orders.get(ex, 0) + 1
-            per_exchange[ex] = per_exchange.get(ex, 0) + units
+        per_exchange = [0] * len(shape.exchanges)
+        for i, units in zip(shape.leg_exchange, leg_units, strict=True):
+            per_exchange[i] += units
+        needs = [0] * len(shape.balances)
+        for i, leg, value, factor in zip(shape.leg_balance, signal.legs, values, shape.buy_factor, strict=True):
+            needs[i] += units_up(leg.quantity if factor is None else value * factor)
         cooldowns = (
-            CooldownClaim(names.symbol_cooldown(asset), now_ms + sym.cooldown_ms if sym.cooldown_ms else 0,
+            CooldownClaim(shape.symbol_cooldown, now_ms + shape.symbol_cooldown_ms if shape.symbol_cooldown_ms else 0,
                           reasons.COOLDOWN_SYMBOL),
-            CooldownClaim(names.venue_cooldown(tuple(orders)),
+            CooldownClaim(shape.venue_cooldown,
                           now_ms + lim.venue_pair_cooldown_ms if lim.venue_pair_cooldown_ms else 0,
                           reasons.COOLDOWN_VENUE),
         )
-        claims = [
-            names.open_claim,
+        claims = (
+            shapes.open_claim,
             Claim("x:total", notional, lim.max_total_exposure, reasons.EXPOSURE_TOTAL),
-            Claim(names.coin(asset), notional, sym.max_exposure, reasons.EXPOSURE_COIN),
-        ]
-        for ex, units in per_exchange.items():
-            field_name, cap = names.exchange(ex)
-            claims.append(Claim(field_name, units, cap, reasons.EXPOSURE_EXCHANGE))
-        needs: dict[tuple[str, str], int] = {}
-        for leg, (base, quote), value in zip(legs, parts, values, strict=True):
-            if leg.side == "buy":
-                key, amount = (leg.exchange, quote), value * (_ONE + self._taker_fee(leg))
-            else:
-                key, amount = (leg.exchange, base), leg.quantity
-            needs[key] = needs.get(key, 0) + units_up(amount)
-        balances = tuple(BalanceClaim(ex, a, units) for (ex, a), units in needs.items())
+            Claim(shape.coin, notional, shape.coin_cap, reasons.EXPOSURE_COIN),
+            *[Claim(name, units, cap, reasons.EXPOSURE_EXCHANGE)
+              for (name, cap), units in zip(shape.exchanges, per_exchange, strict=True)],
+        )
         counters = [(c.field, c.units) for c in claims]
-        counters += [(names.reserved_balance(b.exchange, b.asset), b.units) for b in balances]
+        counters += [(name, units) for (_, _, name), units in zip(shape.balances, needs, strict=True)]
         if max(units for _, units in counters) > MAX_AMOUNT_UNITS:
             raise _Reject(reasons.INVALID, "an amount exceeds 1e9 units of its asset")
         request = DecideRequest(
@@ -418,20 +437,22 @@ class RiskBook:
             day=self._day.label(now_ns), daily_loss_limit=lim.daily_loss_limit, starting_equity=lim.starting_equity,
             max_drawdown=lim.max_drawdown, require_balances=lim.require_balances,
             verdict_retention_ms=lim.verdict_retention_ms, rate_window_ms=lim.order_rate_window_ms,
-            cooldowns=cooldowns, rates=tuple(RateClaim(ex, n, lim.order_rate_limit) for ex, n in orders.items()),
-            claims=tuple(claims), balances=balances, record=make_record(counters),
+            cooldowns=cooldowns, rates=shape.rates, claims=claims,
+            balances=tuple([BalanceClaim(ex, asset, units)
+                            for (ex, asset, _), units in zip(shape.balances, needs, strict=True)]),
+            record=make_record(counters),
         )
         reservation = RiskReservation(
             arb_id=arb, expires_ms=expires_ms, counters={name: units for name, units in counters if units},
-            cooldowns={c.field: c.until_ms for c in cooldowns if c.until_ms > now_ms}, orders=orders,
+            cooldowns={c.field: c.until_ms for c in cooldowns if c.until_ms > now_ms}, orders=dict(shape.orders),
         )
         return Assessment(request, reservation)
 
-    def _names(self) -> _Names:
-        names = self._names_cache
-        if names is None or names.limits is not self.limits:
-            names = self._names_cache = _Names(self.limits)
-        return names
+    def _shapes(self) -> _Shapes:
+        shapes = self._shapes_cache
+        if shapes is None or shapes.limits is not self.limits:
+            shapes = self._shapes_cache = _Shapes(self.limits)
+        return shapes
 
     def _taker_fee(self, leg: SignalLeg) -> Decimal:
         instrument = self.instruments.get(leg.exchange, {}).get(leg.symbol)

@@ -60,16 +60,13 @@ end
 #       no acknowledged signal without its decision. Any other verdict is left to the caller.
 DECIDE = _COMMON + r"""
 local function split(s)
-  local out, pos = {}, 1
-  while true do
-    local at = string.find(s, SEP, pos, true)
-    if not at then
-      out[#out + 1] = string.sub(s, pos)
-      return out
-    end
-    out[#out + 1] = string.sub(s, pos, at - 1)
-    pos = at + 1
+  -- one C-level scan (string.find/sub per field costs twice as much); every field, empty ones too
+  local out, n = {}, 0
+  for f in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
+    n = n + 1
+    out[n] = f
   end
+  return out
 end
 local PUB = {ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]}
 local ARGV = split(ARGV[1])
