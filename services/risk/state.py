@@ -88,8 +88,9 @@ class BalanceClaim(NamedTuple):
         return f"{self.exchange}:{self.asset}"
 
 
-@dataclass(frozen=True, slots=True)
-class DecideRequest:
+class DecideRequest(msgspec.Struct, frozen=True):
+    """Immutable; a msgspec struct rather than a dataclass because one is built per signal (3x cheaper)."""
+
     signal_id: str
     arb_id: str
     ts_ns: int
@@ -114,8 +115,7 @@ class DecideRequest:
     """What an approval reserves, ``"field units ..."``: every claim, then every balance."""
 
 
-@dataclass(frozen=True, slots=True)
-class DecideOutcome:
+class DecideOutcome(msgspec.Struct, frozen=True):
     reason: str
     ts_ns: int
     notional: int
