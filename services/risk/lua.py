@@ -1,8 +1,10 @@
 """The risk state's Lua scripts (Redis >= 6.2, EVALSHA; no Redis Functions).
 
 Each script is the step of the same name in ``state.MemoryRiskState``, line for line: that
-class is the readable reference, these are what run in Redis. Every key a script touches
-shares one hash tag (``KeySpace.tagged``), so the layout works on Redis Cluster.
+class is the readable reference, these are what run in Redis. Every state key shares one hash
+tag (``KeySpace.tagged``), so the layout works on Redis Cluster. DECIDE may also publish an
+approval (``decisions``, ``orders``) and acknowledge its signal: streams outside that tag, so
+the service asks for it only on a single Redis (``docs/risk.md``).
 
 Numbers: amounts are integer strings (1e-8 units) changed with HINCRBY (exact int64);
 comparisons use ``tonumber`` (doubles), which the memory state reproduces. Values read

@@ -2,15 +2,17 @@
 
 Inputs (group ``risk``): ``signals`` (in two stages per consumer batch: the handler decodes and
 runs the stateless checks; then, before the batch is acknowledged, every remaining signal is
-checked-and-reserved in Redis, one atomic script each, all in one round trip and in order, and
-the verdicts are published), ``executions`` (release, realised PnL, loss streak,
+checked-and-reserved in Redis, one atomic script each, all in one round trip and in order; a
+script that approves also publishes the approval and acknowledges its signal, the other
+verdicts are published after), ``executions`` (release, realised PnL, loss streak,
 drawdown), ``balances`` (what each venue holds). ``fx`` is followed by every replica with a
 plain XREAD (each replica needs every rate; a group would split them). ``fills`` are not
 read: a reservation is held until its arbitrage's execution (or its expiry), which counts
 every fill at once and conservatively.
 
-Outputs go through the service's producer, so they are in Redis before the inputs are
-acknowledged: ``orders`` (approved intents), ``decisions`` (every verdict), ``alerts``.
+Outputs are in Redis before the inputs are acknowledged: approvals (``orders`` and ``decisions``)
+with their signal's acknowledgement in the deciding script, everything else (other verdicts on
+``decisions``, ``alerts``) through the service's producer with the batch's acknowledgements.
 
 Background: the expiry sweeper, PostgreSQL snapshots (one replica, under a lease), the
 config reload watcher (``arb risk reload`` / SIGHUP), instrument refresh and gauges.
