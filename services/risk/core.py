@@ -141,7 +141,7 @@ def _finite_positive(value: Decimal) -> bool:
     return value.is_finite() and value > 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # compared and hashed by identity: a cache key
 class _Shape:
     """What approving a signal reserves, but for the amounts and times: every counter and cooldown
     name, cap, reason and order count. It depends only on the signal's asset and legs (exchange,
@@ -440,7 +440,7 @@ class RiskBook:
             cooldowns=cooldowns, rates=shape.rates, claims=claims,
             balances=tuple([BalanceClaim(ex, asset, units)
                             for (ex, asset, _), units in zip(shape.balances, needs, strict=True)]),
-            record=make_record(counters),
+            record=make_record(counters), template=shape,
         )
         reservation = RiskReservation(
             arb_id=arb, expires_ms=expires_ms, counters={name: units for name, units in counters if units},

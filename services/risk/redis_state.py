@@ -96,6 +96,7 @@ class Publication(NamedTuple):
 
 _FIXED_KEYS = 9
 """KEYS of DECIDE before the order-rate keys."""
+_MAX_LAYOUTS = 4096
 
 
 def _bulk(value: bytes) -> bytes:
@@ -154,6 +155,7 @@ class RedisRiskState:
         self.keys = RiskKeys.of(bus.keys)
         self._line = _Line(bus)
         self._orders_keys: dict[str, bytes] = {}
+        self._layouts: dict[object, tuple[str, bytes, int]] = {}
         k = self.keys
         self._fixed_keys = b"".join(_bulk(key.encode()) for key in (
             k.halt, k.state, k.reservations, k.expiry, k.verdicts, k.verdict_times, k.cooldowns, k.balances,
@@ -241,32 +243,51 @@ class RedisRiskState:
     def _decide_frame(self, req: DecideRequest, pub: Publication | None) -> bytes:
         """One ``EVALSHA`` of DECIDE in the Redis protocol (RESP), built directly: the generic
         client's packing costs more than the script's own run."""
-        sep = SEP
-        limits = (f"{req.daily_loss_limit}{sep}{req.starting_equity}{sep}{req.max_drawdown!r}{sep}"
-                  f"{'1' if req.require_balances else '0'}")
-        parts = [
-            f"{req.now_ms}{sep}{req.signal_id}{sep}{req.arb_id}{sep}{req.ts_ns}{sep}{req.notional}{sep}"
-            f"{req.intent_expires_ns}{sep}{req.expires_ms}{sep}{req.verdict_retention_ms}{sep}{req.day}{sep}"
-            f"{limits}{sep}{req.record}{sep}{req.rate_window_ms}{sep}{len(req.cooldowns)}"
-        ]
-        parts += [f"{c.field}{sep}{c.until_ms}{sep}{c.reason}" for c in req.cooldowns]
-        parts.append(str(len(req.rates)))
-        parts += [f"{r.exchange}{sep}{r.orders}{sep}{r.limit}" for r in req.rates]
-        parts.append(str(len(req.claims)))
-        parts += [f"{c.field}{sep}{c.units}{sep}{c.cap}{sep}{c.reason}" for c in req.claims]
-        parts.append(str(len(req.balances)))
-        parts += [f"{b.exchange}:{b.asset}{sep}{b.units}" for b in req.balances]
-        packed = _bulk(sep.join(parts).encode())
-        rate_keys = b"".join([self._orders_bulk(r.exchange) for r in req.rates])
-        nkeys = _FIXED_KEYS + len(req.rates)
+        layout = self._layouts.get(req.template) if req.template is not None else None
+        if layout is None:
+            layout = self._layout(req)
+        fmt, rate_keys, nkeys = layout
+        packed = fmt % (req.now_ms, req.signal_id, req.arb_id, req.ts_ns, req.notional, req.intent_expires_ns,
+                        req.expires_ms, req.day, req.record, *[c.until_ms for c in req.cooldowns],
+                        *[c.units for c in req.claims], *[b.units for b in req.balances])
+        packed_bulk = _bulk(packed.encode())
         if pub is None or self._publish_bulks is None:
             return b"".join((b"*%d\r\n" % (3 + nkeys + 1), self._evalsha, _bulk(b"%d" % nkeys), self._fixed_keys,
-                             rate_keys, packed))
+                             rate_keys, packed_bulk))
         streams, (group, maxlen) = self._publish_bulks
         nkeys += 3
         return b"".join((b"*%d\r\n" % (3 + nkeys + 6), self._evalsha, _bulk(b"%d" % nkeys), self._fixed_keys,
-                         rate_keys, streams, packed, _bulk(pub.entry_id), group, _bulk(pub.intent),
+                         rate_keys, streams, packed_bulk, _bulk(pub.entry_id), group, _bulk(pub.intent),
                          _bulk(pub.decision), maxlen))
+
+    def _layout(self, req: DecideRequest) -> tuple[str, bytes, int]:
+        """The DECIDE argument of ``req`` as a %-format of its per-signal values (in the order
+        ``_decide_frame`` passes them), with everything its template fixes written in; the
+        order-rate keys; the key count."""
+        sep = SEP
+
+        def lit(value: object) -> str:
+            return str(value).replace("%", "%%")
+
+        s = "%s"
+        parts = [sep.join([s, s, s, s, s, s, s, lit(req.verdict_retention_ms), s, lit(req.daily_loss_limit),
+                           lit(req.starting_equity), lit(repr(req.max_drawdown)),
+                           "1" if req.require_balances else "0", s, lit(req.rate_window_ms),
+                           str(len(req.cooldowns))])]
+        parts += [f"{lit(c.field)}{sep}{s}{sep}{lit(c.reason)}" for c in req.cooldowns]
+        parts.append(str(len(req.rates)))
+        parts += [f"{lit(r.exchange)}{sep}{lit(r.orders)}{sep}{lit(r.limit)}" for r in req.rates]
+        parts.append(str(len(req.claims)))
+        parts += [f"{lit(c.field)}{sep}{s}{sep}{lit(c.cap)}{sep}{lit(c.reason)}" for c in req.claims]
+        parts.append(str(len(req.balances)))
+        parts += [f"{lit(b.exchange)}:{lit(b.asset)}{sep}{s}" for b in req.balances]
+        layout = (sep.join(parts), b"".join([self._orders_bulk(r.exchange) for r in req.rates]),
+                  _FIXED_KEYS + len(req.rates))
+        if req.template is not None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            self._layouts[req.template] = layout
+        return layout
 
     def _orders_bulk(self, exchange: str) -> bytes:
         cached = self._orders_keys.get(exchange)
