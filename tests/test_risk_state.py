@@ -6,22 +6,23 @@ import random
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis.exceptions import ResponseError
 from risk_support import execution, fx, risk_config, spatial
 
 from services.risk import reasons
 from services.risk.core import Assessment, RiskBook, RiskEngine, Verdict
 from services.risk.limits import RiskLimits
-from services.risk.redis_state import RedisRiskState
-from services.risk.state import MemoryRiskState, StateDump, StateNotReady, record_pairs
-from shared.models import Balance, Residual, Signal
-from shared.runtime import Bus
-from shared.streams import KeySpace
+from services.risk.redis_state import Publication, PublishTargets, RedisRiskState
+from services.risk.state import DecideOutcome, MemoryRiskState, StateDump, StateNotReady, record_pairs
+from shared.models import Balance, OrderIntent, Residual, Signal, encode
+from shared.runtime import FIELD, Bus, ensure_group
+from shared.streams import DECISIONS, ORDERS, SIGNALS, Group, KeySpace
 
 T0 = 1_700_000_000_000_000_000
 TIGHT: dict[str, Any] = dict(
@@ -252,6 +253,68 @@ async def test_the_state_refuses_to_decide_once_redis_lost_it(bus: Bus) -> None:
         await state.decide(assessed.request)
     with pytest.raises(StateNotReady):
         await state.settle(book.settlement(execution("x", "1", ts_ns=T0)))
+
+
+async def _publishing_state(bus: Bus) -> RedisRiskState:
+    state = await fresh_redis_state(bus)
+    state.publish = PublishTargets(signals=bus.stream(SIGNALS), group=Group.RISK, orders=bus.stream(ORDERS),
+                                   decisions=bus.stream(DECISIONS), decisions_maxlen=1000)
+    await ensure_group(bus, SIGNALS, Group.RISK)
+    return state
+
+
+async def _delivered(bus: Bus, *signals: Signal) -> list[bytes]:
+    for s in signals:
+        await bus.redis.xadd(bus.stream(SIGNALS), {FIELD: encode(s)})
+    reply: Any = await bus.redis.xreadgroup(Group.RISK, "test", {bus.stream(SIGNALS): ">"})
+    return [entry_id for _, entries in reply for entry_id, _ in entries]
+
+
+async def _pending(bus: Bus) -> set[bytes]:
+    rows = await bus.redis.xpending_range(bus.stream(SIGNALS), Group.RISK, min="-", max="+", count=100)
+    return {r["message_id"] for r in rows}
+
+
+async def test_an_approval_is_published_and_its_signal_acknowledged_by_the_step_that_reserves_it(bus: Bus) -> None:
+    book = RiskBook(RiskLimits.from_config(risk_config(max_open_arbitrages=1)), env="test", session="pub")
+    state = await _publishing_state(bus)
+    signals = [spatial(ts_ns=T0, signal_id="first"), spatial(ts_ns=T0, signal_id="second")]
+    entries = await _delivered(bus, *signals)
+    assessed = [book.assess(s, T0) for s in signals]
+    assert all(isinstance(a, Assessment) for a in assessed)
+    approvals = [book.approval(s, cast(Assessment, a), T0) for s, a in zip(signals, assessed, strict=True)]
+    pubs = [Publication(e, encode(cast(OrderIntent, v.intent)), encode(v.decision))
+            for e, v in zip(entries, approvals, strict=True)]
+    requests = [cast(Assessment, a).request for a in assessed]
+    first, second = await state.decide_many(requests, pubs)
+    assert isinstance(first, DecideOutcome) and first.approved and first.published
+    assert isinstance(second, DecideOutcome) and second.reason == reasons.MAX_OPEN and not second.published
+    # exactly what the core would publish for the first, nothing for the second (the caller's to publish)
+    assert [f[FIELD] for _, f in await bus.redis.xrange(bus.stream(ORDERS))] == [pubs[0].intent]
+    assert [f[FIELD] for _, f in await bus.redis.xrange(bus.stream(DECISIONS))] == [pubs[0].decision]
+    assert approvals[0].decision == book.decided(signals[0], cast(Assessment, assessed[0]), first, T0).decision
+    assert await _pending(bus) == {entries[1]}
+    again = await state.decide_many(requests[:1], pubs[:1])  # redelivered: the stored verdict, published once
+    assert isinstance(again[0], DecideOutcome) and again[0].duplicate and not again[0].published
+    assert await bus.redis.xlen(bus.stream(ORDERS)) == 1 and await bus.redis.xlen(bus.stream(DECISIONS)) == 1
+
+
+async def test_a_refused_publication_leaves_no_reservation_and_the_signal_pending(bus: Bus) -> None:
+    book = RiskBook(RiskLimits.from_config(risk_config()), env="test", session="pub")
+    state = await _publishing_state(bus)
+    signal = spatial(ts_ns=T0)
+    entries = await _delivered(bus, signal)
+    await bus.redis.set(bus.stream(DECISIONS), "not a stream")  # every XADD there fails
+    assessed = book.assess(signal, T0)
+    assert isinstance(assessed, Assessment)
+    verdict = book.approval(signal, assessed, T0)
+    [outcome] = await state.decide_many(
+        [assessed.request], [Publication(entries[0], encode(cast(OrderIntent, verdict.intent)), b"{}")])
+    assert isinstance(outcome, ResponseError)
+    dump = await state.dump()
+    assert "open" not in dump.state and not dump.reservations and not dump.verdicts
+    assert await bus.redis.xlen(bus.stream(ORDERS)) == 0
+    assert await _pending(bus) == {entries[0]}
 
 
 async def test_a_dump_restores_to_the_same_state(bus: Bus, redis_url: str, namespace: str) -> None:

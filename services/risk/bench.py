@@ -6,15 +6,18 @@ Three measurements, each against its own baseline, in alternating rounds (median
   (``ts_origin_ns``); a reader takes the relay's output and records receive - send.
   Baseline relay: bare redis-py in its own process (XREADGROUP -> XADD + XACK in one
   pipeline, payload untouched). Calibration relay: the same plus one trivial EVALSHA round
-  trip per batch, the floor of any design that takes one atomic step in Redis per batch.
-  Risk relay: the real service (``python -m services.risk``), every signal approved (the
-  most work: all checks, then every counter reserved), its ``Decision`` read back;
-  reservations lapse after 1 s (no executor here), so the state stays the size a live one
-  has. The difference to the bare hop is what deciding adds to a hop.
+  trip per batch, the floor of any design that takes one atomic step in Redis per batch and
+  then publishes. Risk relay: the real service (``python -m services.risk``), every signal
+  approved (the most work: all checks, then every counter reserved), its ``Decision`` read
+  back; reservations lapse after 1 s (no executor here), so the state stays the size a live
+  one has. The service's deciding script publishes the approval and acknowledges the signal
+  itself, so its hop is XREADGROUP -> EVALSHA: the same round trips as the bare relay, plus
+  the checks in Python and the script's run in Redis. The difference to the bare hop is what
+  deciding adds to a hop.
 - throughput: N signals published at once; decisions per second of one replica vs. the
   bare relay's messages per second.
-- check-and-reserve: the atomic Lua step alone, EVALSHA round trips from this process,
-  against a PING round trip on the same connection.
+- check-and-reserve: the atomic Lua step alone (without publishing), EVALSHA round trips
+  from this process on the state's deciding connection, against a PING round trip.
 
 PostgreSQL is off unless ``--database-url`` is given (snapshots then run as in production
 and their rows are deleted afterwards).
@@ -318,6 +321,7 @@ async def _check_and_reserve(url: str, n: int) -> dict[str, Any]:
         keys = [k async for k in bus.redis.scan_iter(match=f"arbitrage:{{guard:development:{session}}}*")]
         if keys:
             await bus.redis.delete(*keys)
+        await state.close()
         await bus.close()
     d, p = percentiles(decide), percentiles(ping)
     return {"decide_evalsha": d, "ping": p, "core_python": percentiles(core),

@@ -141,6 +141,81 @@ def _finite_positive(value: Decimal) -> bool:
     return value.is_finite() and value > 0
 
 
+@dataclass(frozen=True, slots=True, eq=False)  # compared and hashed by identity: a cache key
+class _Shape:
+    """What approving a signal reserves, but for the amounts and times: every counter and cooldown
+    name, cap, reason and order count. It depends only on the signal's asset and legs (exchange,
+    symbol, side), the limits and the taker fees, so it is made once per such shape."""
+
+    symbol_cooldown: str
+    symbol_cooldown_ms: int
+    venue_cooldown: str
+    coin: str
+    coin_cap: int
+    exchanges: tuple[tuple[str, int], ...]
+    """(``x:ex:<exchange>``, cap) per exchange, in the order the legs name them."""
+    leg_exchange: tuple[int, ...]
+    """Each leg's index in ``exchanges``."""
+    balances: tuple[tuple[str, str, str], ...]
+    """(exchange, asset, ``rb:<exchange>:<asset>``) per balance the legs draw on, in leg order."""
+    leg_balance: tuple[int, ...]
+    """Each leg's index in ``balances``."""
+    buy_factor: tuple[Decimal | None, ...]
+    """Per leg: 1 + taker fee for a buy (it pays price x quantity x that in the quote), None for a sell."""
+    rates: tuple[RateClaim, ...]
+    orders: tuple[tuple[str, int], ...]
+
+
+class _Shapes:
+    """``_Shape``s by (asset, legs), for one ``RiskLimits`` and one set of instruments."""
+
+    MAX = 4096
+    """Shapes are bounded by the configured markets; a flood of odd ones only empties the cache."""
+
+    __slots__ = ("_shapes", "limits", "open_claim")
+
+    def __init__(self, limits: RiskLimits) -> None:
+        self.limits = limits
+        self.open_claim = Claim("open", 1, limits.max_open_arbitrages, reasons.MAX_OPEN)
+        self._shapes: dict[tuple[str, tuple[tuple[str, str, str], ...]], _Shape] = {}
+
+    def get(self, book: RiskBook, signal: Signal, parts: list[tuple[str, str]]) -> _Shape:
+        key = (signal.asset, tuple([(leg.exchange, leg.symbol, leg.side) for leg in signal.legs]))
+        shape = self._shapes.get(key)
+        if shape is None:
+            if len(self._shapes) >= self.MAX:
+                self._shapes.clear()
+            shape = self._shapes[key] = self._make(book, signal, parts)
+        return shape
+
+    def _make(self, book: RiskBook, signal: Signal, parts: list[tuple[str, str]]) -> _Shape:
+        lim = self.limits
+        sym = lim.for_asset(signal.asset)
+        exchanges: dict[str, int] = {}
+        orders: dict[str, int] = {}
+        balances: dict[tuple[str, str], int] = {}
+        leg_exchange: list[int] = []
+        leg_balance: list[int] = []
+        buy_factor: list[Decimal | None] = []
+        for leg, (base, quote) in zip(signal.legs, parts, strict=True):
+            leg_exchange.append(exchanges.setdefault(leg.exchange, len(exchanges)))
+            orders[leg.exchange] = orders.get(leg.exchange, 0) + 1
+            key = (leg.exchange, quote if leg.side == "buy" else base)
+            leg_balance.append(balances.setdefault(key, len(balances)))
+            buy_factor.append(_ONE + book._taker_fee(leg) if leg.side == "buy" else None)
+        return _Shape(
+            symbol_cooldown=f"s:{signal.asset}", symbol_cooldown_ms=sym.cooldown_ms,
+            venue_cooldown="v:" + "|".join(sorted(exchanges)),
+            coin=f"x:coin:{signal.asset}", coin_cap=sym.max_exposure,
+            exchanges=tuple((f"x:ex:{ex}", lim.exchange_cap(ex)) for ex in exchanges),
+            leg_exchange=tuple(leg_exchange),
+            balances=tuple((ex, asset, f"rb:{ex}:{asset}") for ex, asset in balances),
+            leg_balance=tuple(leg_balance), buy_factor=tuple(buy_factor),
+            rates=tuple(RateClaim(ex, n, lim.order_rate_limit) for ex, n in orders.items()),
+            orders=tuple(orders.items()),
+        )
+
+
 class RiskBook:
     def __init__(self, limits: RiskLimits, *, env: str, session: str) -> None:
         self.limits = limits
@@ -151,6 +226,7 @@ class RiskBook:
         self.instruments: dict[str, dict[str, Instrument]] = {}
         self._alerted: dict[str, tuple[int, int]] = {}
         """Reject reason -> (last alert time, rejections since): per-signal alerts are throttled."""
+        self._shapes_cache: _Shapes | None = None
 
     # ------------------------------------------------------------------ inputs
 
@@ -162,6 +238,7 @@ class RiskBook:
 
     def set_instruments(self, exchange: str, instruments: Iterable[Instrument]) -> None:
         self.instruments[exchange] = {i.symbol: i for i in instruments}
+        self._shapes_cache = None  # their taker fees are in the shapes
 
     def on_fx(self, fx: FxRate) -> None:
         self.market.on_fx(fx)
@@ -179,31 +256,38 @@ class RiskBook:
 
     def _assess(self, signal: Signal, now_ns: int) -> Assessment:
         lim = self.limits
-        self._validate(signal, now_ns)
+        parts = self._validate(signal, now_ns)
         age = now_ns - signal.ts_ns
         if age > lim.max_signal_age_ns:
             raise _Reject(reasons.STALE_SIGNAL,
                           f"signal is {age / 1e6:.0f} ms old > {lim.max_signal_age_ns / 1e6:.0f} ms")
-        rates = self._rates(signal, now_ns)
+        rates = self._rates(signal, now_ns, parts)
         sym = lim.for_asset(signal.asset)
-        for leg in signal.legs:
-            book_age = leg.book_age_ns + max(0, age)
+        legs = signal.legs
+        waited = max(0, age)
+        for leg in legs:
+            book_age = leg.book_age_ns + waited
             if book_age > sym.max_book_age_ns:
                 raise _Reject(reasons.STALE_BOOK, f"{leg.exchange} {leg.symbol} book is {book_age / 1e6:.0f} ms old "
                                                   f"> {sym.max_book_age_ns / 1e6:.0f} ms")
-        leg_units = [units_up(leg.price * leg.quantity / rates[_parts(leg.symbol)[1]]) for leg in signal.legs]
+        # legs quoted in the reference currency (the sentinel rate) need no division: x / 1 is x exactly
+        values = [leg.price * leg.quantity for leg in legs]
+        quoted = [rates[quote] for _, quote in parts]
+        leg_units = [units_up(v if r is _ONE else v / r) for v, r in zip(values, quoted, strict=True)]
         notional = max(max(leg_units), units_of_float(signal.notional))
         if notional > sym.max_notional_per_trade:
             raise _Reject(reasons.MAX_NOTIONAL, f"notional {to_float(notional):.2f} > "
                                                 f"{to_float(sym.max_notional_per_trade):.2f} {lim.reference_currency}")
         try:
-            self._anomaly(signal, rates, now_ns, sym.max_price_deviation, sym.max_venue_deviation)
+            self._anomaly(signal, parts, quoted, now_ns, sym.max_price_deviation, sym.max_venue_deviation)
         finally:
-            for leg in signal.legs:
-                self.market.observe(leg.exchange, leg.symbol, leg.price, signal.ts_ns)
-        return self._request(signal, now_ns, notional, leg_units)
+            market = self.market
+            for leg, (base, quote) in zip(legs, parts, strict=True):
+                market.observe_parts(leg.exchange, leg.symbol, base, quote, leg.price, signal.ts_ns)
+        return self._request(signal, now_ns, notional, leg_units, parts, values)
 
-    def _validate(self, signal: Signal, now_ns: int) -> None:
+    def _validate(self, signal: Signal, now_ns: int) -> list[tuple[str, str]]:
+        """Raises ``_Reject`` (invalid); returns each leg's (base, quote)."""
         def bad(detail: str) -> _Reject:
             return _Reject(reasons.INVALID, detail)
 
@@ -214,6 +298,7 @@ class RiskBook:
         if len(signal.legs) > ids.MAX_LEGS:
             raise bad(f"too many legs ({len(signal.legs)})")
         seen: set[tuple[str, str, str]] = set()
+        parts: list[tuple[str, str]] = []
         for i, leg in enumerate(signal.legs):
             if not _finite_positive(leg.quantity):
                 raise bad(f"leg {i}: quantity must be positive, got {leg.quantity}")
@@ -222,7 +307,7 @@ class RiskBook:
             if leg.book_age_ns < 0:
                 raise bad(f"leg {i}: negative book age")
             try:
-                _parts(leg.symbol)
+                parts.append(_parts(leg.symbol))
             except ValueError:
                 raise bad(f"leg {i}: {leg.symbol!r} is not a BASE/QUOTE symbol") from None
             markets = self.limits.exchanges.get(leg.exchange)
@@ -241,12 +326,13 @@ class RiskBook:
                 raise bad(f"leg {i}: duplicate leg {leg.side} {leg.symbol} on {leg.exchange}")
             seen.add(key)
         # The asset names the per-coin exposure: it must be one the legs trade.
-        if not _ASSET.match(signal.asset) or all(signal.asset not in _parts(leg.symbol) for leg in signal.legs):
+        if not _ASSET.match(signal.asset) or all(signal.asset not in p for p in parts):
             raise bad(f"asset {signal.asset!r} is not traded by the legs")
         if not (math.isfinite(signal.notional) and signal.notional > 0):
             raise bad(f"notional must be a positive number, got {signal.notional!r}")
         if signal.ts_ns - now_ns > self.limits.max_clock_skew_ns:
             raise bad(f"signal time is {(signal.ts_ns - now_ns) / 1e6:.0f} ms in the future")
+        return parts
 
     @staticmethod
     def _check_instrument(i: int, leg: SignalLeg, instrument: Instrument) -> None:
@@ -258,15 +344,16 @@ class RiskBook:
         if not meets_minimums(instrument, leg.price, leg.quantity):
             raise _Reject(reasons.INVALID, f"leg {i}: below the minimum size of {leg.exchange} {leg.symbol}")
 
-    def _rates(self, signal: Signal, now_ns: int) -> dict[str, Decimal]:
-        """Units of each quote currency per reference unit, checking FX age."""
+    def _rates(self, signal: Signal, now_ns: int, parts: list[tuple[str, str]]) -> dict[str, Decimal]:
+        """Units of each quote currency per reference unit, checking FX age. The reference's own
+        rate is the ``_ONE`` sentinel (callers skip dividing by it)."""
         lim = self.limits
         ref = lim.reference_currency
         rates: dict[str, Decimal] = {ref: _ONE}
-        in_signal = {_parts(leg.symbol)[0]: leg.price for leg in signal.legs
-                     if _parts(leg.symbol)[1] == ref}
-        for leg in signal.legs:
-            quote = _parts(leg.symbol)[1]
+        if all(quote == ref for _, quote in parts):
+            return rates
+        in_signal = {base: leg.price for leg, (base, quote) in zip(signal.legs, parts, strict=True) if quote == ref}
+        for leg, (_, quote) in zip(signal.legs, parts, strict=True):
             if quote in rates:
                 continue
             fx = self.market.fx_quote(quote)
@@ -286,16 +373,16 @@ class RiskBook:
                 raise _Reject(reasons.STALE_FX, f"no {ref}/{quote} rate to value the {leg.symbol} leg")
         return rates
 
-    def _anomaly(self, signal: Signal, rates: dict[str, Decimal], now_ns: int,
+    def _anomaly(self, signal: Signal, parts: list[tuple[str, str]], quoted: list[Decimal], now_ns: int,
                  max_price_deviation: float, max_venue_deviation: float) -> None:
         lim = self.limits
         by_base: dict[str, list[tuple[float, SignalLeg]]] = {}
-        for leg in signal.legs:
-            base, quote = _parts(leg.symbol)
-            by_base.setdefault(base, []).append((float(leg.price / rates[quote]), leg))
+        for leg, (base, _), rate in zip(signal.legs, parts, quoted, strict=True):
+            price = float(leg.price)
+            by_base.setdefault(base, []).append((price if rate is _ONE else float(leg.price / rate), leg))
             median = self.market.median(leg.exchange, leg.symbol, now_ns, lim.price_window_min_samples)
             if median is not None and median > 0:
-                off = abs(float(leg.price) / median - 1)
+                off = abs(price / median - 1)
                 if off > max_price_deviation:
                     raise _Reject(reasons.ANOMALY, f"{leg.exchange} {leg.symbol} price {leg.price} is {off:.2%} off "
                                                    f"its {lim.price_window_ns / 1e9:.0f} s median {median:g} "
@@ -310,43 +397,39 @@ class RiskBook:
                 raise _Reject(reasons.ANOMALY, f"{base} is {spread:.2%} apart between {lo[1].exchange} and "
                                                f"{hi[1].exchange} (max {max_venue_deviation:.2%})")
 
-    def _request(self, signal: Signal, now_ns: int, notional: int, leg_units: list[int]) -> Assessment:
+    def _request(self, signal: Signal, now_ns: int, notional: int, leg_units: list[int],
+                 parts: list[tuple[str, str]], values: list[Decimal]) -> Assessment:
+        """What approving the signal reserves. ``values`` are the legs' price x quantity."""
         lim = self.limits
-        sym = lim.for_asset(signal.asset)
+        shapes = self._shapes()
+        shape = shapes.get(self, signal, parts)
         arb = self.arb_id(signal.signal_id)
         now_ms = now_ns // 1_000_000
         intent_expires_ns = now_ns + lim.intent_ttl_ns
         expires_ms = -(-intent_expires_ns // 1_000_000) + lim.reservation_grace_ms
-        exchanges = list(dict.fromkeys(leg.exchange for leg in signal.legs))
-        venue = "|".join(sorted(exchanges))
+        per_exchange = [0] * len(shape.exchanges)
+        for i, units in zip(shape.leg_exchange, leg_units, strict=True):
+            per_exchange[i] += units
+        needs = [0] * len(shape.balances)
+        for i, leg, value, factor in zip(shape.leg_balance, signal.legs, values, shape.buy_factor, strict=True):
+            needs[i] += units_up(leg.quantity if factor is None else value * factor)
         cooldowns = (
-            CooldownClaim(f"s:{signal.asset}", now_ms + sym.cooldown_ms if sym.cooldown_ms else 0,
+            CooldownClaim(shape.symbol_cooldown, now_ms + shape.symbol_cooldown_ms if shape.symbol_cooldown_ms else 0,
                           reasons.COOLDOWN_SYMBOL),
-            CooldownClaim(f"v:{venue}", now_ms + lim.venue_pair_cooldown_ms if lim.venue_pair_cooldown_ms else 0,
+            CooldownClaim(shape.venue_cooldown,
+                          now_ms + lim.venue_pair_cooldown_ms if lim.venue_pair_cooldown_ms else 0,
                           reasons.COOLDOWN_VENUE),
         )
-        orders = {ex: sum(1 for leg in signal.legs if leg.exchange == ex) for ex in exchanges}
-        per_exchange = {ex: 0 for ex in exchanges}
-        for leg, units in zip(signal.legs, leg_units, strict=True):
-            per_exchange[leg.exchange] += units
-        claims = [
-            Claim("open", 1, lim.max_open_arbitrages, reasons.MAX_OPEN),
+        claims = (
+            shapes.open_claim,
             Claim("x:total", notional, lim.max_total_exposure, reasons.EXPOSURE_TOTAL),
-            Claim(f"x:coin:{signal.asset}", notional, sym.max_exposure, reasons.EXPOSURE_COIN),
-        ]
-        claims += [Claim(f"x:ex:{ex}", units, lim.exchange_cap(ex), reasons.EXPOSURE_EXCHANGE)
-                   for ex, units in per_exchange.items()]
-        needs: dict[tuple[str, str], int] = {}
-        for leg in signal.legs:
-            base, quote = _parts(leg.symbol)
-            if leg.side == "buy":
-                key, amount = (leg.exchange, quote), leg.price * leg.quantity * (_ONE + self._taker_fee(leg))
-            else:
-                key, amount = (leg.exchange, base), leg.quantity
-            needs[key] = needs.get(key, 0) + units_up(amount)
-        balances = tuple(BalanceClaim(ex, asset, units) for (ex, asset), units in needs.items())
-        counters = [(c.field, c.units) for c in claims] + [(f"rb:{b.key}", b.units) for b in balances]
-        if any(units > MAX_AMOUNT_UNITS for _, units in counters):
+            Claim(shape.coin, notional, shape.coin_cap, reasons.EXPOSURE_COIN),
+            *[Claim(name, units, cap, reasons.EXPOSURE_EXCHANGE)
+              for (name, cap), units in zip(shape.exchanges, per_exchange, strict=True)],
+        )
+        counters = [(c.field, c.units) for c in claims]
+        counters += [(name, units) for (_, _, name), units in zip(shape.balances, needs, strict=True)]
+        if max(units for _, units in counters) > MAX_AMOUNT_UNITS:
             raise _Reject(reasons.INVALID, "an amount exceeds 1e9 units of its asset")
         request = DecideRequest(
             signal_id=signal.signal_id, arb_id=arb, ts_ns=now_ns, now_ms=now_ms,
@@ -354,14 +437,22 @@ class RiskBook:
             day=self._day.label(now_ns), daily_loss_limit=lim.daily_loss_limit, starting_equity=lim.starting_equity,
             max_drawdown=lim.max_drawdown, require_balances=lim.require_balances,
             verdict_retention_ms=lim.verdict_retention_ms, rate_window_ms=lim.order_rate_window_ms,
-            cooldowns=cooldowns, rates=tuple(RateClaim(ex, n, lim.order_rate_limit) for ex, n in orders.items()),
-            claims=tuple(claims), balances=balances, record=make_record(counters),
+            cooldowns=cooldowns, rates=shape.rates, claims=claims,
+            balances=tuple([BalanceClaim(ex, asset, units)
+                            for (ex, asset, _), units in zip(shape.balances, needs, strict=True)]),
+            record=make_record(counters), template=shape,
         )
         reservation = RiskReservation(
             arb_id=arb, expires_ms=expires_ms, counters={name: units for name, units in counters if units},
-            cooldowns={c.field: c.until_ms for c in cooldowns if c.until_ms > now_ms}, orders=orders,
+            cooldowns={c.field: c.until_ms for c in cooldowns if c.until_ms > now_ms}, orders=dict(shape.orders),
         )
         return Assessment(request, reservation)
+
+    def _shapes(self) -> _Shapes:
+        shapes = self._shapes_cache
+        if shapes is None or shapes.limits is not self.limits:
+            shapes = self._shapes_cache = _Shapes(self.limits)
+        return shapes
 
     def _taker_fee(self, leg: SignalLeg) -> Decimal:
         instrument = self.instruments.get(leg.exchange, {}).get(leg.symbol)
@@ -380,6 +471,13 @@ class RiskBook:
             notional=notional, ts_ns=now_ns, ts_origin_ns=signal.ts_origin_ns,
         )
         return Verdict(decision, None, self._reject_alerts(decision, now_ns))
+
+    def approval(self, signal: Signal, assessed: Assessment, now_ns: int) -> Verdict:
+        """What approving ``assessed`` publishes, as ``decided`` would build it for a first approval: made
+        before the state answers, so the state can publish it in the same atomic step as the reservation."""
+        req = assessed.request
+        outcome = DecideOutcome(reasons.APPROVED, req.ts_ns, req.notional, req.intent_expires_ns)
+        return self.decided(signal, assessed, outcome, now_ns)
 
     def decided(self, signal: Signal, assessed: Assessment, outcome: DecideOutcome, now_ns: int) -> Verdict:
         """The published result of a signal the state decided: the decision, and the intent if approved."""

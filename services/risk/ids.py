@@ -17,17 +17,18 @@ ARB_ID_LENGTH = 22
 MAX_LEGS = len(_ALPHABET)
 
 
-_CHUNK = 62**10
-"""Ten base-62 digits fit in 64 bits: convert in machine-word chunks, not 128-bit arithmetic."""
+_PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)
+"""Every two-digit base-62 string, by value: half the divisions of one digit at a time."""
 
 
 def _base62(value: int, width: int) -> str:
+    """``value`` in ``width`` base-62 digits, most significant first (zero-padded)."""
     out: list[str] = []
-    while len(out) < width:
-        value, chunk = divmod(value, _CHUNK)
-        for _ in range(min(10, width - len(out))):
-            chunk, digit = divmod(chunk, 62)
-            out.append(_ALPHABET[digit])
+    for _ in range(width // 2):
+        value, pair = divmod(value, 3844)
+        out.append(_PAIRS[pair])
+    if width % 2:
+        out.append(_ALPHABET[value % 62])
     return "".join(reversed(out))
 
 

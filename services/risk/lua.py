@@ -1,8 +1,10 @@
 """The risk state's Lua scripts (Redis >= 6.2, EVALSHA; no Redis Functions).
 
 Each script is the step of the same name in ``state.MemoryRiskState``, line for line: that
-class is the readable reference, these are what run in Redis. Every key a script touches
-shares one hash tag (``KeySpace.tagged``), so the layout works on Redis Cluster.
+class is the readable reference, these are what run in Redis. Every state key shares one hash
+tag (``KeySpace.tagged``), so the layout works on Redis Cluster. DECIDE may also publish an
+approval (``decisions``, ``orders``) and acknowledge its signal: streams outside that tag, so
+the service asks for it only on a single Redis (``docs/risk.md``).
 
 Numbers: amounts are integer strings (1e-8 units) changed with HINCRBY (exact int64);
 comparisons use ``tonumber`` (doubles), which the memory state reproduces. Values read
@@ -47,26 +49,28 @@ end
 """
 
 # KEYS: halt, state, reservations, expiry, verdicts, verdict_times, cooldowns, balances, settled,
-#       orders:<ex>...
+#       orders:<ex> (one per rate claim), then, when an approval is published here: signals, orders, decisions
 # ARGV[1]: the arguments below joined by \x1f (one packed string is much cheaper for the client to
 # send than seventy): now_ms, signal_id, arb_id, ts_ns, notional, intent_expires_ns, reservation_expires_ms,
 #       verdict_retention_ms, day, daily_limit, starting_equity, max_drawdown, require_balances,
 #       record, rate_window_ms,
-#       n, (cooldown, until, reason)*n, (exchange, orders, limit)*#rate keys,
+#       n, (cooldown, until, reason)*n, n, (exchange, orders, limit)*n,
 #       n, (counter, units, cap, reason)*n, n, (exchange:ASSET, units)*n
+# ARGV[2..6] (optional): the signal's entry id, the group, the order intent, the approving decision,
+#       the decisions stream's MAXLEN ('' = none). With them an approval is published and its signal acknowledged
+#       in the same atomic step as the reservation: no reservation without its intent on ``orders``,
+#       no acknowledged signal without its decision. Any other verdict is left to the caller.
 DECIDE = _COMMON + r"""
 local function split(s)
-  local out, pos = {}, 1
-  while true do
-    local at = string.find(s, SEP, pos, true)
-    if not at then
-      out[#out + 1] = string.sub(s, pos)
-      return out
-    end
-    out[#out + 1] = string.sub(s, pos, at - 1)
-    pos = at + 1
+  -- one C-level scan (string.find/sub per field costs twice as much); every field, empty ones too
+  local out, n = {}, 0
+  for f in string.gmatch(s .. SEP, '([^' .. SEP .. ']*)' .. SEP) do
+    n = n + 1
+    out[n] = f
   end
+  return out
 end
+local PUB = {ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]}
 local ARGV = split(ARGV[1])
 local K_HALT, K_RES, K_EXP, K_VERD = KEYS[1], KEYS[3], KEYS[4], KEYS[5]
 local K_VERT, K_COOL, K_BAL = KEYS[6], KEYS[7], KEYS[8]
@@ -89,8 +93,10 @@ for c = 1, tonumber(ARGV[i]) do
 end
 i = i + 1
 local rates = {}
-for j = 10, #KEYS do
-  rates[#rates + 1] = {KEYS[j], ARGV[i], ARGV[i + 1], ARGV[i + 2]}
+local nrates = tonumber(ARGV[i])
+i = i + 1
+for j = 1, nrates do
+  rates[j] = {KEYS[9 + j], ARGV[i], ARGV[i + 1], ARGV[i + 2]}
   i = i + 3
 end
 local claims = {}
@@ -174,8 +180,22 @@ if #bals > 0 then
     end
   end
 end
+if PUB[1] then
+  -- before any counter moves, so a refused write leaves no reservation behind; the decision first,
+  -- so an intent never stands without it
+  local k = 10 + nrates
+  if PUB[5] ~= '' then
+    redis.call('XADD', KEYS[k + 2], 'MAXLEN', '~', PUB[5], '*', 'd', PUB[4])
+  else
+    redis.call('XADD', KEYS[k + 2], '*', 'd', PUB[4])
+  end
+  redis.call('XADD', KEYS[k + 1], '*', 'd', PUB[3])
+  redis.call('XACK', KEYS[k], PUB[2], PUB[1])
+end
 apply(K_RES, K_EXP, K_COOL, aid, ARGV[14], res_expires, now, cools, adds)
-return verdict('approved')
+local v = verdict('approved')
+if PUB[1] then return {'published', v[2]} end
+return v
 """
 
 # KEYS: halt, state, reservations, expiry, settled, cooldowns

@@ -93,12 +93,16 @@ class MarketView:
         return None
 
     def observe(self, exchange: str, symbol: str, price: Decimal, ts_ns: int) -> None:
+        base, quote = split_symbol(symbol)
+        self.observe_parts(exchange, symbol, base, quote, price, ts_ns)
+
+    def observe_parts(self, exchange: str, symbol: str, base: str, quote: str, price: Decimal, ts_ns: int) -> None:
+        """``observe`` with the symbol already split (the core has split it)."""
         key = (exchange, symbol)
         window = self.windows.get(key)
         if window is None:
             window = self.windows[key] = PriceWindow(self.window_ns)
         window.add(ts_ns, float(price))
-        base, quote = split_symbol(symbol)
         if quote == self.reference:
             self.last_price[base] = (price, ts_ns)
 

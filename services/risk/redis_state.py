@@ -7,9 +7,10 @@ kill switch's), so every script may touch all of them, on Redis Cluster too.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 from redis.commands.core import AsyncScript
@@ -73,6 +74,68 @@ class RiskKeys:
                 self.settled, self.cooldowns, self.balances, *(self.orders(ex) for ex in EXCHANGES)]
 
 
+@dataclass(frozen=True, slots=True)
+class PublishTargets:
+    """Where the deciding step publishes an approval and acknowledges its signal (Redis keys)."""
+
+    signals: str
+    group: str
+    orders: str
+    decisions: str
+    decisions_maxlen: int | None
+    """``MAXLEN ~`` of the decisions stream (its ``StreamPolicy``)."""
+
+
+class Publication(NamedTuple):
+    """One signal's approval, encoded before the state decides: published by the state if it approves."""
+
+    entry_id: bytes
+    intent: bytes
+    decision: bytes
+
+
+_FIXED_KEYS = 9
+"""KEYS of DECIDE before the order-rate keys."""
+_MAX_LAYOUTS = 4096
+
+
+def _bulk(value: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+class _Line:
+    """A connection of its own for deciding: never queued behind another task's command, no pool
+    bookkeeping per call; commands are sent as prepared RESP frames and their replies read in order.
+
+    A reply that is an error is returned in its place; a lost connection raises (and the next call
+    connects again)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self._conn: Any = None
+        self._lock = asyncio.Lock()
+
+    async def call(self, frames: bytes, replies: int) -> list[Any]:
+        async with self._lock:
+            conn = self._conn
+            if conn is None:  # held until ``close``; the pool still closes it with the bus
+                conn = self._conn = await self._bus.redis.connection_pool.get_connection()
+            await conn.send_packed_command(frames, check_health=False)  # connects first if needed
+            out: list[Any] = []
+            for _ in range(replies):
+                try:
+                    out.append(await conn.read_response())
+                except ResponseError as exc:
+                    out.append(exc)
+            return out
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._conn is not None:
+                await self._bus.redis.connection_pool.release(self._conn)
+                self._conn = None
+
+
 def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -86,9 +149,19 @@ def _scores(flat: Sequence[Any]) -> dict[str, int]:
 
 
 class RedisRiskState:
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, *, publish: PublishTargets | None = None) -> None:
+        """With ``publish``, ``decide_many`` publishes the approvals it is given in the deciding step."""
         self.bus = bus
         self.keys = RiskKeys.of(bus.keys)
+        self._line = _Line(bus)
+        self._orders_keys: dict[str, bytes] = {}
+        self._layouts: dict[object, tuple[str, bytes, int]] = {}
+        k = self.keys
+        self._fixed_keys = b"".join(_bulk(key.encode()) for key in (
+            k.halt, k.state, k.reservations, k.expiry, k.verdicts, k.verdict_times, k.cooldowns, k.balances,
+            k.settled))
+        self._publish_bulks: tuple[bytes, tuple[bytes, bytes]] | None = None
+        self.publish = publish
         r = bus.redis
         self._decide: AsyncScript = r.register_script(lua.DECIDE)
         self._settle: AsyncScript = r.register_script(lua.SETTLE)
@@ -98,6 +171,23 @@ class RedisRiskState:
         self._halt: AsyncScript = r.register_script(lua.HALT)
         self._dump: AsyncScript = r.register_script(lua.DUMP)
         self._restore: AsyncScript = r.register_script(lua.RESTORE)
+        self._evalsha = _bulk(b"EVALSHA") + _bulk(self._decide.sha.encode())
+
+    @property
+    def publish(self) -> PublishTargets | None:
+        return self._publish
+
+    @publish.setter
+    def publish(self, targets: PublishTargets | None) -> None:
+        self._publish = targets
+        self._publish_bulks = None if targets is None else (
+            b"".join(_bulk(key.encode()) for key in (targets.signals, targets.orders, targets.decisions)),
+            (_bulk(targets.group.encode()),
+             _bulk(b"" if targets.decisions_maxlen is None else b"%d" % targets.decisions_maxlen)))
+
+    async def close(self) -> None:
+        """Give the deciding connection back to the bus's pool."""
+        await self._line.close()
 
     # ------------------------------------------------------------------ decisions
 
@@ -112,28 +202,24 @@ class RedisRiskState:
             raise outcome
         return outcome
 
-    async def decide_many(self, requests: Sequence[DecideRequest]) -> list[DecideOutcome | ResponseError]:
+    async def decide_many(self, requests: Sequence[DecideRequest],
+                          publications: Sequence[Publication | None] | None = None,
+                          ) -> list[DecideOutcome | ResponseError]:
         """Decide several signals in one round trip: each decision is still one atomic script, run in order.
 
-        A script error is returned in place of that signal's outcome (the others stand); a lost
-        state raises ``StateNotReady``, a lost connection raises.
+        With ``publications`` (and ``publish`` targets), an approval is published and its signal
+        acknowledged by the same script that reserves it (``DecideOutcome.published``); any other
+        verdict is for the caller to publish. A script error is returned in place of that signal's
+        outcome (the others stand); a lost state raises ``StateNotReady``, a lost connection raises.
         """
         if not requests:
             return []
+        if publications is None or self.publish is None:
+            publications = [None] * len(requests)
         replies: list[Any] = []
         for attempt in range(2):
-            if len(requests) == 1:  # the common case at low rates: no pipeline machinery
-                keys, packed = self._decide_args(requests[0])
-                try:
-                    replies = [await self.bus.redis.evalsha(self._decide.sha, len(keys), *keys, packed)]
-                except ResponseError as exc:
-                    replies = [exc]
-            else:
-                pipe = self.bus.redis.pipeline(transaction=False)
-                for req in requests:
-                    keys, packed = self._decide_args(req)
-                    pipe.evalsha(self._decide.sha, len(keys), *keys, packed)
-                replies = await pipe.execute(raise_on_error=False)
+            frames = b"".join(self._decide_frame(req, pub) for req, pub in zip(requests, publications, strict=True))
+            replies = await self._line.call(frames, len(requests))
             if attempt == 0 and any(isinstance(r, NoScriptError) for r in replies):
                 await self.load_scripts()  # Redis restarted and lost its script cache; deciding again is idempotent
                 continue
@@ -152,29 +238,62 @@ class RedisRiskState:
         if status in ("held", "done"):
             return DecideOutcome(APPROVED, req.ts_ns, req.notional, req.intent_expires_ns, duplicate=True,
                                  finished=status == "done")
-        return DecideOutcome.from_stored(_s(reply[1]), duplicate=status == "dup")
+        return DecideOutcome.from_stored(_s(reply[1]), duplicate=status == "dup", published=status == "published")
 
-    def _decide_args(self, req: DecideRequest) -> tuple[list[str], str]:
-        k = self.keys
-        keys = [k.halt, k.state, k.reservations, k.expiry, k.verdicts, k.verdict_times, k.cooldowns, k.balances,
-                k.settled]
-        args: list[Any] = [
-            req.now_ms, req.signal_id, req.arb_id, req.ts_ns, req.notional, req.intent_expires_ns, req.expires_ms,
-            req.verdict_retention_ms, req.day, req.daily_loss_limit, req.starting_equity, repr(req.max_drawdown),
-            "1" if req.require_balances else "0", req.record, req.rate_window_ms, len(req.cooldowns),
-        ]
-        for c in req.cooldowns:
-            args += (c.field, c.until_ms, c.reason)
-        for r in req.rates:
-            keys.append(k.orders(r.exchange))
-            args += (r.exchange, r.orders, r.limit)
-        args.append(len(req.claims))
-        for cl in req.claims:
-            args += (cl.field, cl.units, cl.cap, cl.reason)
-        args.append(len(req.balances))
-        for b in req.balances:
-            args += (b.key, b.units)
-        return keys, SEP.join(map(str, args))
+    def _decide_frame(self, req: DecideRequest, pub: Publication | None) -> bytes:
+        """One ``EVALSHA`` of DECIDE in the Redis protocol (RESP), built directly: the generic
+        client's packing costs more than the script's own run."""
+        layout = self._layouts.get(req.template) if req.template is not None else None
+        if layout is None:
+            layout = self._layout(req)
+        fmt, rate_keys, nkeys = layout
+        packed = fmt % (req.now_ms, req.signal_id, req.arb_id, req.ts_ns, req.notional, req.intent_expires_ns,
+                        req.expires_ms, req.day, req.record, *[c.until_ms for c in req.cooldowns],
+                        *[c.units for c in req.claims], *[b.units for b in req.balances])
+        packed_bulk = _bulk(packed.encode())
+        if pub is None or self._publish_bulks is None:
+            return b"".join((b"*%d\r\n" % (3 + nkeys + 1), self._evalsha, _bulk(b"%d" % nkeys), self._fixed_keys,
+                             rate_keys, packed_bulk))
+        streams, (group, maxlen) = self._publish_bulks
+        nkeys += 3
+        return b"".join((b"*%d\r\n" % (3 + nkeys + 6), self._evalsha, _bulk(b"%d" % nkeys), self._fixed_keys,
+                         rate_keys, streams, packed_bulk, _bulk(pub.entry_id), group, _bulk(pub.intent),
+                         _bulk(pub.decision), maxlen))
+
+    def _layout(self, req: DecideRequest) -> tuple[str, bytes, int]:
+        """The DECIDE argument of ``req`` as a %-format of its per-signal values (in the order
+        ``_decide_frame`` passes them), with everything its template fixes written in; the
+        order-rate keys; the key count."""
+        sep = SEP
+
+        def lit(value: object) -> str:
+            return str(value).replace("%", "%%")
+
+        s = "%s"
+        parts = [sep.join([s, s, s, s, s, s, s, lit(req.verdict_retention_ms), s, lit(req.daily_loss_limit),
+                           lit(req.starting_equity), lit(repr(req.max_drawdown)),
+                           "1" if req.require_balances else "0", s, lit(req.rate_window_ms),
+                           str(len(req.cooldowns))])]
+        parts += [f"{lit(c.field)}{sep}{s}{sep}{lit(c.reason)}" for c in req.cooldowns]
+        parts.append(str(len(req.rates)))
+        parts += [f"{lit(r.exchange)}{sep}{lit(r.orders)}{sep}{lit(r.limit)}" for r in req.rates]
+        parts.append(str(len(req.claims)))
+        parts += [f"{lit(c.field)}{sep}{s}{sep}{lit(c.cap)}{sep}{lit(c.reason)}" for c in req.claims]
+        parts.append(str(len(req.balances)))
+        parts += [f"{lit(b.exchange)}:{lit(b.asset)}{sep}{s}" for b in req.balances]
+        layout = (sep.join(parts), b"".join([self._orders_bulk(r.exchange) for r in req.rates]),
+                  _FIXED_KEYS + len(req.rates))
+        if req.template is not None:
+            if len(self._layouts) >= _MAX_LAYOUTS:
+                self._layouts.clear()
+            self._layouts[req.template] = layout
+        return layout
+
+    def _orders_bulk(self, exchange: str) -> bytes:
+        cached = self._orders_keys.get(exchange)
+        if cached is None:
+            cached = self._orders_keys[exchange] = _bulk(self.keys.orders(exchange).encode())
+        return cached
 
     async def settle(self, req: SettleRequest, *, force: bool = False) -> SettleOutcome:
         k = self.keys

@@ -2,15 +2,17 @@
 
 Inputs (group ``risk``): ``signals`` (in two stages per consumer batch: the handler decodes and
 runs the stateless checks; then, before the batch is acknowledged, every remaining signal is
-checked-and-reserved in Redis, one atomic script each, all in one round trip and in order, and
-the verdicts are published), ``executions`` (release, realised PnL, loss streak,
+checked-and-reserved in Redis, one atomic script each, all in one round trip and in order; a
+script that approves also publishes the approval and acknowledges its signal, the other
+verdicts are published after), ``executions`` (release, realised PnL, loss streak,
 drawdown), ``balances`` (what each venue holds). ``fx`` is followed by every replica with a
 plain XREAD (each replica needs every rate; a group would split them). ``fills`` are not
 read: a reservation is held until its arbitrage's execution (or its expiry), which counts
 every fill at once and conservatively.
 
-Outputs go through the service's producer, so they are in Redis before the inputs are
-acknowledged: ``orders`` (approved intents), ``decisions`` (every verdict), ``alerts``.
+Outputs are in Redis before the inputs are acknowledged: approvals (``orders`` and ``decisions``)
+with their signal's acknowledgement in the deciding script, everything else (other verdicts on
+``decisions``, ``alerts``) through the service's producer with the batch's acknowledgements.
 
 Background: the expiry sweeper, PostgreSQL snapshots (one replica, under a lease), the
 config reload watcher (``arb risk reload`` / SIGHUP), instrument refresh and gauges.
@@ -39,15 +41,17 @@ from services.risk import reasons
 from services.risk.core import Assessment, Rejection, RiskBook, Verdict
 from services.risk.limits import RiskLimits
 from services.risk.recovery import Recovery
-from services.risk.redis_state import RedisRiskState
+from services.risk.redis_state import Publication, PublishTargets, RedisRiskState
 from services.risk.snapshots import SnapshotStore
 from services.risk.state import DecideOutcome, DecideRequest, SettleOutcome, SettleRequest, StateNotReady
 from services.risk.summary import summarize
+from shared import metrics
 from shared.config import Config, ConfigError, Secrets, load_config
-from shared.models import Alert, Balance, Execution, FxRate, Instrument, Signal, decoder_for, split_symbol
+from shared.models import Alert, Balance, Execution, FxRate, Instrument, Signal, decoder_for, encode, split_symbol
 from shared.runtime import FIELD, Delivery, Lease, Retryable, backoff_delay, is_redis_down
-from shared.service import Service
-from shared.streams import ALERTS, BALANCES, DECISIONS, EXECUTIONS, FX, ORDERS, SIGNALS, Group
+from shared.runtime.trim import trim_acknowledged
+from shared.service import TRIM_INTERVAL_S, Service
+from shared.streams import ALERTS, BALANCES, DECISIONS, EXECUTIONS, FX, ORDERS, SIGNALS, Group, policy
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +84,7 @@ class _Pending:
     verdict: Verdict | None
     now_ns: int
     started: float
+    entry_id: bytes = b""
 
 
 def decode_signal(raw: bytes) -> Signal | UndecodableSignal:
@@ -108,7 +113,11 @@ class RiskService(Service):
         self.config_path = config_path if config_path is not None else _config_path_from_argv()
         self.limits = RiskLimits.from_config(cfg)
         self.book = RiskBook(self.limits, env=cfg.env, session=cfg.session)
-        self.state = RedisRiskState(self.bus)
+        self.state = RedisRiskState(self.bus, publish=PublishTargets(
+            signals=self.bus.stream(SIGNALS), group=Group.RISK, orders=self.bus.stream(ORDERS),
+            decisions=self.bus.stream(DECISIONS), decisions_maxlen=policy(DECISIONS).maxlen))
+        self._published_orders = metrics.MESSAGES_OUT.labels(ORDERS)
+        self._published_decisions = metrics.MESSAGES_OUT.labels(DECISIONS)
         self.snapshots = SnapshotStore(cfg.postgres.url, session=cfg.session, env=cfg.env)
         self.recovery = Recovery(self.bus, self.state, self.snapshots, self.book, owner=self.instance,
                                  margin_ms=cfg.risk.restore_margin_ms)
@@ -130,11 +139,15 @@ class RiskService(Service):
         reload_seen: Any = await self.bus.redis.get(self.state.keys.reload)
         self._reload_seen = reload_seen
         await self.state.load_scripts()
+        if await self._clustered():
+            # the deciding script would touch streams outside the risk state's hash slot
+            self.state.publish = None
         self.consumer(Group.RISK, [SIGNALS], self.on_signal, decoder=decode_signal, before_ack=self.decide_batch)
         self.consumer(Group.RISK, [EXECUTIONS], self.on_execution, decoder=decoder_for(Execution).decode)
         self.consumer(Group.RISK, [BALANCES], self.on_balance, decoder=decoder_for(Balance).decode)
         for task in (self._follow_fx, self._sweep_expired, self._snapshot_loop, self._watch_reload,
-                     self._refresh_instruments, self._gauges, self._follow_transfers_in_flight):
+                     self._refresh_instruments, self._gauges, self._follow_transfers_in_flight,
+                     self._trim_published):
             self.background(task)
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on the main thread (tests)
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_config)
@@ -145,6 +158,18 @@ class RiskService(Service):
             if await self.state.initialised():
                 await asyncio.wait_for(self._snapshot("shutdown"), timeout=3)
         await self.snapshots.close()
+        await self.state.close()
+
+    async def _clustered(self) -> bool:
+        info: Any = await self.bus.redis.info("cluster")
+        return bool(int(info.get("cluster_enabled", 0)))
+
+    async def _trim_published(self) -> None:
+        """``orders`` once every group has it, as the producer's streams are: the deciding script writes
+        there without the producer (``decisions`` is capped by the script's own ``MAXLEN ~``)."""
+        while await self.sleep(TRIM_INTERVAL_S):
+            with contextlib.suppress(Exception):
+                await trim_acknowledged(self.bus, ORDERS)
 
     async def _ensure_state(self) -> None:
         """Block until the shared state exists (restoring it if Redis lost it): never decide without it."""
@@ -197,40 +222,72 @@ class RiskService(Service):
         if isinstance(assessed, Rejection):
             self._pending.append(_Pending(msg, None, self.book.rejected(msg, assessed, now_ns), now_ns, started))
         else:
-            self._pending.append(_Pending(msg, assessed, None, now_ns, started))
+            self._pending.append(_Pending(msg, assessed, None, now_ns, started, d.entry_id))
 
-    async def decide_batch(self) -> None:
+    async def decide_batch(self) -> set[tuple[str, bytes]]:
         """Stage two, before the batch is acknowledged: check-and-reserve what passed, publish every verdict.
 
+        An approval is published by the deciding script itself, which also acknowledges its signal
+        (returned, so the consumer does not acknowledge it again): a batch of approvals costs one
+        round trip. Other verdicts go out through the producer with the batch's acknowledgements.
         Safe to retry: the state answers a signal it already decided with the same verdict.
         """
         pending = self._pending
+        acked: set[tuple[str, bytes]] = set()
         if not pending:
-            return
-        requests = [p.assessed.request for p in pending if p.assessed is not None]
-        outcomes = iter(await self._decide(requests))
+            return acked
+        publish = self.state.publish is not None
+        requests: list[DecideRequest] = []
+        publications: list[Publication | None] = []
+        approvals: list[Verdict | None] = []
+        for p in pending:
+            if p.assessed is not None:
+                assert p.signal is not None
+                requests.append(p.assessed.request)
+                if publish:  # what an approval publishes, ready before the state decides
+                    verdict = self.book.approval(p.signal, p.assessed, p.now_ns)
+                    assert verdict.intent is not None
+                    publications.append(Publication(p.entry_id, encode(verdict.intent), encode(verdict.decision)))
+                    approvals.append(verdict)
+        outcomes = iter(await self._decide(requests, publications if publish else None))
+        approved = iter(approvals)
+        published = 0
         for p in pending:  # no await from here on: a retry never publishes twice
             if p.verdict is None:
                 assert p.signal is not None and p.assessed is not None
                 outcome = next(outcomes)
+                approval = next(approved) if publish else None
                 if isinstance(outcome, ResponseError):  # this signal's script failed: reject it, go on
                     m.INTERNAL_ERRORS.inc()
                     log.error("check-and-reserve failed", extra={"signal_id": p.signal.signal_id,
                                                                  "error": str(outcome)})
                     p.verdict = self.book.rejected(
                         p.signal, Rejection(reasons.ERROR, f"risk state error: {outcome}"), p.now_ns)
+                elif outcome.published:
+                    assert approval is not None
+                    p.verdict = approval
+                    published += 1
+                    acked.add((SIGNALS, p.entry_id))
+                    m.DECISIONS.labels(reasons.APPROVED).inc()
+                    m.DECISION_SECONDS.observe(time.perf_counter() - p.started)
+                    continue
                 else:
                     p.verdict = self.book.decided(p.signal, p.assessed, outcome, p.now_ns)
             self._publish(p.verdict)
             m.DECISIONS.labels(p.verdict.decision.reason).inc()
             m.DECISION_SECONDS.observe(time.perf_counter() - p.started)
+        if published:
+            self._published_orders.inc(published)
+            self._published_decisions.inc(published)
         self._pending = []
+        return acked
 
-    async def _decide(self, requests: list[DecideRequest]) -> list[DecideOutcome | ResponseError]:
+    async def _decide(self, requests: list[DecideRequest],
+                      publications: list[Publication | None] | None) -> list[DecideOutcome | ResponseError]:
         for _ in range(2):
             try:
                 t0 = time.perf_counter()
-                outcomes = await self.state.decide_many(requests)
+                outcomes = await self.state.decide_many(requests, publications)
                 if requests:
                     m.RESERVE_SECONDS.observe(time.perf_counter() - t0)
                 return outcomes

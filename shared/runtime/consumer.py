@@ -5,7 +5,9 @@ Guarantees:
 - an entry is acknowledged only after its handler returned and everything the handler
   published (and ``before_ack``, e.g. a database commit) is durable; outputs and acks
   travel in one pipeline, outputs first; outputs published before the end of a batch are
-  sent at once rather than held until the batch is handled;
+  sent at once rather than held until the batch is handled (``before_ack`` may acknowledge
+  entries itself, atomically with their outputs, and return them: they are not acknowledged
+  again);
 - an entry whose handler raises stays pending; it is retried when it has been idle for
   ``claim_idle_ms`` (XAUTOCLAIM, which also takes over entries of dead consumers) and moves
   to ``dlq.<stream>`` with its error once Redis has delivered it ``max_deliveries`` times;
@@ -34,9 +36,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import redis.exceptions as rexc
@@ -66,6 +68,9 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+BeforeAck = Callable[[], Awaitable[Collection[tuple[str, bytes]] | None]]
+"""Runs before a batch is acknowledged; returns the (stream, entry id)s it acknowledged itself, if any."""
+T = TypeVar("T")
 
 _SKIP = object()
 """``_admit``'s answer for an entry that is not handled (acknowledged or dead-lettered as it is)."""
@@ -94,7 +99,7 @@ class Consumer:
         name: str,
         decoder: Callable[[bytes], Any] = decode,
         producer: Producer | None = None,
-        before_ack: Callable[[], Awaitable[None]] | None = None,
+        before_ack: BeforeAck | None = None,
         batch_size: int = 256,
         block_ms: int = 1000,
         claim_idle_ms: int = 30_000,
@@ -497,7 +502,9 @@ class Consumer:
 
     async def _commit(self, acks: dict[str, list[bytes]], dead: list[tuple[_Entry, str]]) -> None:
         if self.before_ack is not None and (acks or dead):
-            await self._until_done(self.before_ack)
+            acked = await self._until_done(self.before_ack)
+            if acked:
+                acks = {s: kept for s, ids in acks.items() if (kept := [i for i in ids if (s, i) not in acked])}
 
         def add_acks(pipe: Pipeline) -> None:
             for entry, error in dead:
@@ -540,13 +547,12 @@ class Consumer:
                       extra={"stream": entry.stream, "group": self.group, "entry": entry.entry_id.decode(),
                              "error": error, "deliveries": entry.deliveries})
 
-    async def _until_done(self, op: Callable[[], Awaitable[None]]) -> None:
+    async def _until_done(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until it succeeds: acks are retried, never dropped, while Redis is away."""
         attempt = 0
         while True:
             try:
-                await op()
-                return
+                return await op()
             except Exception as exc:
                 if not (isinstance(exc, Retryable) or is_redis_down(exc)):
                     raise
