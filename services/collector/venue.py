@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -172,6 +172,63 @@ class BookSync(ABC):
     def awaiting_snapshot(self) -> bool:
         """True while a REST snapshot is wanted (only REST-snapshot exchanges)."""
         return False
+
+
+
+D = TypeVar("D")
+"""A diff message of one exchange."""
+
+
+class SnapshotDiffSync(BookSync, Generic[D]):
+    """The REST-snapshot start most exchanges share: diffs are held from the first one on and
+    a snapshot is asked for; the snapshot is taken only if it is not older than the first held
+    diff (else asked again), and the held diffs after it are replayed over it."""
+
+    __slots__ = ("buffer", "first_id", "max_buffer", "requested")
+
+    def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
+        super().__init__(book)
+        self.buffer: list[D] = []
+        self.first_id: int | None = None
+        """First update id of the first diff held since the last (re)start."""
+        self.requested = False
+        self.max_buffer = max_buffer
+
+    def _hold(self, m: D, first_id: int) -> Outcome:
+        """Keep a diff until the snapshot comes; the first one held asks for it."""
+        if len(self.buffer) >= self.max_buffer:  # the snapshot is not coming: start over
+            self.buffer.clear()
+            self.first_id = None
+        self.buffer.append(m)
+        if self.first_id is None:
+            self.first_id = first_id
+        if not self.requested:
+            self.requested = True
+            return NEED_SNAPSHOT
+        return BUFFERED
+
+    def _take_held(self) -> list[D]:
+        """The held diffs, and nothing held or asked for from now on."""
+        held = self.buffer
+        self.buffer, self.first_id, self.requested = [], None, False
+        return held
+
+    def _restart(self, m: D | None, first_id: int | None) -> None:
+        """Out of sync: start over from ``m`` (if it is worth keeping); the core asks for the
+        snapshot as part of the resync."""
+        self.book.clear()
+        self.synced = False
+        self.buffer = [m] if m is not None else []
+        self.first_id = first_id
+        self.requested = True
+
+    def reset(self) -> None:
+        super().reset()
+        self._take_held()
+
+    @property
+    def awaiting_snapshot(self) -> bool:
+        return not self.synced and self.requested
 
 
 # --------------------------------------------------------------------------- connection rules

@@ -29,10 +29,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 from msgspec import Struct
 
-from services.collector.book import L2Book
 from services.collector.venue import (
     APPLIED,
-    BUFFERED,
     IGNORED,
     NEED_SNAPSHOT,
     BboMsg,
@@ -49,6 +47,7 @@ from services.collector.venue import (
     RestLimit,
     RestRequest,
     Size,
+    SnapshotDiffSync,
     SnapshotMsg,
     TradeMsg,
     Venue,
@@ -148,36 +147,19 @@ def _route(name: bytes) -> int:
     return UNUSED
 
 
-class BinanceBook(BookSync):
-    __slots__ = ("buffer", "first_u", "max_buffer", "requested")
-
-    def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
-        super().__init__(book)
-        self.buffer: list[DepthUpdate] = []
-        self.first_u: int | None = None
-        """``U`` of the first diff buffered since the last (re)start."""
-        self.requested = False
-        self.max_buffer = max_buffer
+class BinanceBook(SnapshotDiffSync[DepthUpdate]):
+    __slots__ = ()
 
     def on_message(self, m: DepthUpdate) -> Outcome:
         if self.synced:
             return self._update(m)
-        if len(self.buffer) >= self.max_buffer:  # the snapshot is not coming: start over
-            self.buffer.clear()
-            self.first_u = None
-        self.buffer.append(m)
-        if self.first_u is None:
-            self.first_u = m.U
-        if not self.requested:
-            self.requested = True
-            return NEED_SNAPSHOT
-        return BUFFERED
+        return self._hold(m, m.U)
 
     def _update(self, m: DepthUpdate) -> Outcome:
         if m.u <= self.seq:
             return IGNORED
         if self.seq + 1 < m.U:
-            self._restart(m)
+            self._restart(m, m.U)
             return desync("gap")
         self.book.apply(m.b, m.a)
         self.seq = m.u
@@ -188,12 +170,9 @@ class BinanceBook(BookSync):
         if self.synced:  # an unsolicited (e.g. recorded) snapshot: the diffs already carry us
             return IGNORED
         last_id = snap.lastUpdateId
-        if self.first_u is not None and last_id < self.first_u:
+        if self.first_id is not None and last_id < self.first_id:
             return NEED_SNAPSHOT  # older than our first buffered diff: ask again
-        kept = [m for m in self.buffer if m.u > last_id]
-        self.buffer = []
-        self.first_u = None
-        self.requested = False
+        kept = [m for m in self._take_held() if m.u > last_id]
         self.book.replace(snap.bids, snap.asks)
         self.seq = last_id
         self.ts_exchange_ns = 0
@@ -203,23 +182,6 @@ class BinanceBook(BookSync):
             if outcome is not APPLIED and outcome is not IGNORED:
                 return outcome
         return APPLIED
-
-    def _restart(self, m: DepthUpdate) -> None:
-        self.book.clear()
-        self.synced = False
-        self.buffer = [m]
-        self.first_u = m.U
-        self.requested = True  # the core asks for the snapshot as part of the resync
-
-    def reset(self) -> None:
-        super().reset()
-        self.buffer = []
-        self.first_u = None
-        self.requested = False
-
-    @property
-    def awaiting_snapshot(self) -> bool:
-        return not self.synced and self.requested
 
 
 def depth_weight(limit: int) -> int:

@@ -38,10 +38,8 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 from msgspec import Meta, Struct
 
-from services.collector.book import L2Book
 from services.collector.venue import (
     APPLIED,
-    BUFFERED,
     FINITE,
     IGNORED,
     NEED_SNAPSHOT,
@@ -59,6 +57,7 @@ from services.collector.venue import (
     RestLimit,
     RestRequest,
     Resync,
+    SnapshotDiffSync,
     SnapshotMsg,
     TradeMsg,
     Venue,
@@ -143,21 +142,14 @@ _any: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 CHANNEL = b'"channel":"'
 
 
-class GateBook(BookSync):
-    __slots__ = ("buffer", "first_start", "max_buffer", "requested")
-
-    def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
-        super().__init__(book)
-        self.buffer: list[BookPush] = []
-        self.first_start: int | None = None
-        self.requested = False
-        self.max_buffer = max_buffer
+class GateBook(SnapshotDiffSync[BookPush]):
+    __slots__ = ()
 
     def on_message(self, m: BookPush) -> Outcome:
         r = m.update
         if r.full:
             self.book.replace(r.b, r.a)
-            self.buffer, self.first_start, self.requested = [], None, False
+            self._take_held()
             self._moved(m)
             self.synced = True
             return APPLIED
@@ -165,16 +157,7 @@ class GateBook(BookSync):
             return self._update(m)
         if m.obu:
             return IGNORED  # waiting for the full push of a (re)subscription
-        if len(self.buffer) >= self.max_buffer:  # the snapshot is not coming: start over
-            self.buffer.clear()
-            self.first_start = None
-        self.buffer.append(m)
-        if self.first_start is None:
-            self.first_start = r.U
-        if not self.requested:
-            self.requested = True
-            return NEED_SNAPSHOT
-        return BUFFERED
+        return self._hold(m, r.U)
 
     def _update(self, m: BookPush) -> Outcome:
         r = m.update
@@ -182,7 +165,7 @@ class GateBook(BookSync):
             return IGNORED
         # V1 may start from a push that straddles the snapshot id; V2 increments follow exactly.
         if self.seq + 1 < r.U or (m.obu and self.seq + 1 != r.U):
-            self._restart(m)
+            self._restart(m, r.U)
             return desync("gap")
         self.book.apply(r.b, r.a)
         self._moved(m)
@@ -197,10 +180,9 @@ class GateBook(BookSync):
     def on_snapshot(self, snap: Snapshot) -> Outcome:
         if self.synced:  # an unsolicited (e.g. recorded) snapshot: the pushes already carry us
             return IGNORED
-        if self.first_start is not None and self.first_start > snap.id + 1:
+        if self.first_id is not None and self.first_id > snap.id + 1:
             return NEED_SNAPSHOT  # behind the first cached push: ask again
-        kept = [m for m in self.buffer if m.update.u > snap.id]
-        self.buffer, self.first_start, self.requested = [], None, False
+        kept = [m for m in self._take_held() if m.update.u > snap.id]
         self.book.replace(snap.bids, snap.asks)
         self.seq = snap.id
         self.ts_exchange_ns = (snap.update or 0) * MS
@@ -211,24 +193,13 @@ class GateBook(BookSync):
                 return outcome
         return APPLIED
 
-    def _restart(self, m: BookPush) -> None:
-        self.book.clear()
-        self.synced = False
-        if m.obu:  # V2 recovers by resubscribing: nothing to keep
-            self.buffer, self.first_start, self.requested = [], None, False
+    def _restart(self, m: BookPush | None, first_id: int | None) -> None:
+        if m is not None and m.obu:  # V2 recovers by resubscribing: nothing to keep, no snapshot
+            self.book.clear()
+            self.synced = False
+            self._take_held()
             return
-        self.buffer = [m]
-        self.first_start = m.update.U
-        self.requested = True  # the core asks for the snapshot as part of the resync
-
-    def reset(self) -> None:
-        super().reset()
-        self.buffer, self.first_start, self.requested = [], None, False
-
-    @property
-    def awaiting_snapshot(self) -> bool:
-        return not self.synced and self.requested
-
+        super()._restart(m, first_id)
 
 def _ns(ms: str) -> int:
     """``"1619093543708.2642"`` (milliseconds, decimal string) -> nanoseconds, exactly."""

@@ -49,7 +49,6 @@ from services.collector.book import L2Book
 from services.collector.venue import (
     ALIVE,
     APPLIED,
-    BUFFERED,
     FINITE,
     IGNORED,
     NEED_SNAPSHOT,
@@ -67,6 +66,7 @@ from services.collector.venue import (
     Price,
     RestLimit,
     RestRequest,
+    SnapshotDiffSync,
     SnapshotMsg,
     TradeMsg,
     Venue,
@@ -182,15 +182,11 @@ _any = msgspec.json.Decoder(dict[str, Any])
 TOPIC = b'"topic":"'
 
 
-class KucoinBook(BookSync):
-    __slots__ = ("ask_edge", "bid_edge", "buffer", "first_start", "max_buffer", "requested")
+class KucoinBook(SnapshotDiffSync[L2Data]):
+    __slots__ = ("ask_edge", "bid_edge")
 
     def __init__(self, book: L2Book, max_buffer: int = 10_000) -> None:
-        super().__init__(book)
-        self.buffer: list[L2Data] = []
-        self.first_start: int | None = None
-        self.requested = False
-        self.max_buffer = max_buffer
+        super().__init__(book, max_buffer)
         self.bid_edge: float | None = None
         """Lowest bid price a partial snapshot vouches for (None: the side is complete)."""
         self.ask_edge: float | None = None
@@ -198,23 +194,14 @@ class KucoinBook(BookSync):
     def on_message(self, m: L2Data) -> Outcome:
         if self.synced:
             return self._update(m)
-        if len(self.buffer) >= self.max_buffer:  # the snapshot is not coming: start over
-            self.buffer.clear()
-            self.first_start = None
-        self.buffer.append(m)
-        if self.first_start is None:
-            self.first_start = m.sequenceStart
-        if not self.requested:
-            self.requested = True
-            return NEED_SNAPSHOT
-        return BUFFERED
+        return self._hold(m, m.sequenceStart)
 
     def _update(self, m: L2Data) -> Outcome:
         local = self.seq
         if m.sequenceEnd <= local:
             return IGNORED
         if m.sequenceStart > local + 1:
-            self._restart(m)
+            self._restart(m, m.sequenceStart)
             return desync("gap")
         changed = self._side(self.book.bids.update, m.changes.bids, local, self.bid_edge, -1.0)
         changed |= self._side(self.book.asks.update, m.changes.asks, local, self.ask_edge, 1.0)
@@ -222,7 +209,7 @@ class KucoinBook(BookSync):
         if m.time:
             self.ts_exchange_ns = m.time * MS
         if self._too_thin():
-            self._restart(None)
+            self._restart(None, None)
             return desync("partial_depth")
         return APPLIED if changed else ALIVE
 
@@ -247,12 +234,9 @@ class KucoinBook(BookSync):
         if self.synced:  # an unsolicited (e.g. recorded) snapshot: the increments already carry us
             return IGNORED
         body = snap.body
-        if self.first_start is not None and body.sequence + 1 < self.first_start:
+        if self.first_id is not None and body.sequence + 1 < self.first_id:
             return NEED_SNAPSHOT  # older than our first buffered increment: ask again
-        kept = [m for m in self.buffer if m.sequenceEnd > body.sequence]
-        self.buffer = []
-        self.first_start = None
-        self.requested = False
+        kept = [m for m in self._take_held() if m.sequenceEnd > body.sequence]
         self.book.replace(body.bids, body.asks)
         depth = snap.depth
         self.bid_edge = min(p for p, _ in body.bids) if depth and len(body.bids) >= depth else None
@@ -266,24 +250,9 @@ class KucoinBook(BookSync):
                 return outcome
         return APPLIED
 
-    def _restart(self, m: L2Data | None) -> None:
-        self.book.clear()
-        self.synced = False
-        self.buffer = [m] if m is not None else []
-        self.first_start = m.sequenceStart if m is not None else None
-        self.requested = True  # the core asks for the snapshot as part of the resync
-
     def reset(self) -> None:
         super().reset()
-        self.buffer = []
-        self.first_start = None
-        self.requested = False
         self.bid_edge = self.ask_edge = None
-
-    @property
-    def awaiting_snapshot(self) -> bool:
-        return not self.synced and self.requested
-
 
 def parse_symbols(body: bytes, fees: Fees) -> list[Instrument]:
     doc = _any.decode(body)
